@@ -1,0 +1,254 @@
+"""Typed run configuration: defaults < JSON file (--config) < command-line flags.
+
+Every field of every section is a flag of its own (`--kd-temperature`, `--batch-size`, ...), so the
+command line, a config file and the saved `{out}/config.json` all use the same names. Fields whose
+default is None take a stage-dependent value in `resolve()` (a teacher fine-tune wants a higher
+learning rate and twins in its batches; distillation does not), and the resolved values are what gets
+saved beside the checkpoints, so a run can always be reproduced from its own folder.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional, get_args, get_origin, get_type_hints
+
+STAGES = ("distill", "student", "teacher")
+
+# The teacher the CPU pipeline distils from when none is named: the one `--stage teacher` writes.
+DEFAULT_TEACHER = "runs/teacher/teacher"
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/synthetic"       # folder written by tools/make_shards.py
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 64                   # pixels the loader resizes to; models resize further themselves
+    num_workers: int = 1                   # loader processes per rank
+    max_length: int = 24                   # caption tokens; synthetic captions are <= ~16
+    twins_in_batch: Optional[bool] = None  # keep twin scenes in one batch (teacher stage: yes)
+
+
+@dataclass
+class ModelConfig:
+    teacher: Optional[str] = None   # preset, saved folder or hub id; distill default: DEFAULT_TEACHER
+    student: str = "student-tiny"   # preset, saved folder, HF dual encoder, or "from-teacher"
+    teacher_zero: Optional[int] = None  # 0 or 3; default 3 when the world has more than one rank
+
+
+@dataclass
+class DistillConfig:
+    candidates: int = 16                 # M: the student's proposals per query
+    hard_negatives: int = 7              # K: the teacher's top-ranked proposals kept
+    alpha: float = 0.2                   # share of KD vs hard-negative CE (published code: 0.2)
+    kd_temperature: float = 1.0
+    kd_loss: str = "kl"                  # kl | mse
+    lambda_itc: float = 1.0
+    weighting: str = "entropy"           # entropy | wsl | none
+    directions: str = "i2t,t2i"
+    distill_queries: Optional[int] = None  # local queries per step that get teacher-ranked negatives
+    negatives_from: str = "teacher"      # teacher | random (ablation: KD without teacher ranking)
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "distill"
+    ds: str = "ds_configs/zero2.json"
+    out: Optional[str] = None            # default runs/<stage name>
+    steps: int = 600
+    batch_size: Optional[int] = None     # per rank; overrides the ds config's micro batch
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    schedule: Optional[str] = None       # cosine | linear (decay after warm-up)
+    seed: int = 0
+    resume: Optional[str] = None         # "latest" or a checkpoint tag
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 200
+    eval_images: int = 200               # validation gallery size for val/* during training
+    log_every: int = 10
+    max_bad_steps: int = 20              # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message is one line."""
+
+
+# Per-stage values for fields left at None. Teacher numbers are the FiLM recipe measured in
+# PLATFORM_NOTES; student numbers are the published DCD code's (AdamW, wd 0.01, 10% warm-up).
+STAGE_DEFAULTS = {
+    "teacher": dict(lr=1e-3, weight_decay=1e-4, warmup_steps=100, schedule="cosine",
+                    twins_in_batch=True, batch_size=32),
+    # batch_size None: the ds config's train_micro_batch_size_per_gpu decides.
+    "student": dict(lr=1e-3, weight_decay=0.01, warmup_steps=None, schedule="cosine",
+                    twins_in_batch=False, batch_size=None),
+    "distill": dict(lr=1e-3, weight_decay=0.01, warmup_steps=None, schedule="cosine",
+                    twins_in_batch=False, batch_size=None),
+}
+
+
+def _sections(cfg: RunConfig):
+    for f in fields(cfg):
+        yield f.name, getattr(cfg, f.name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_index() -> dict:
+    """Field name -> (section name, type). Names are unique across sections by design."""
+    index = {}
+    for section_name, section in _sections(RunConfig()):
+        hints = get_type_hints(type(section))
+        for f in fields(section):
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section_name, hints[f.name])
+    return index
+
+
+def _base_type(tp):
+    if get_origin(tp) is not None:  # Optional[X] -> X
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train/run.py",
+        description="Train a dual-encoder student by Dynamic Contrastive Distillation from a "
+                    "cross-encoder teacher (stages: teacher fine-tune, contrastive student, distill).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="JSON file with any of the sections below "
+                        "({\"train\": {...}, \"distill\": {...}}) or flat field names")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                        help="set by the deepspeed launcher; ignored")
+    index = _field_index()
+    groups = {}
+    for section_name, section in _sections(RunConfig()):
+        groups[section_name] = parser.add_argument_group(section_name)
+        for f in fields(section):
+            tp = _base_type(index[f.name][1])
+            kwargs = dict(dest=f.name, default=argparse.SUPPRESS,
+                          help=f"(default: {getattr(section, f.name)})")
+            if tp is bool:
+                kwargs["type"] = _parse_bool
+                kwargs["metavar"] = "BOOL"
+            else:
+                kwargs["type"] = tp
+            if f.name == "stage":
+                kwargs["choices"] = STAGES
+            groups[section_name].add_argument(_flag(f.name), **kwargs)
+    return parser
+
+
+def _apply(cfg: RunConfig, values: dict, origin: str) -> None:
+    index = _field_index()
+    for key, value in values.items():
+        if key in ("config", "local_rank"):
+            continue
+        if key in dict(_sections(cfg)) and isinstance(value, dict):  # nested section in a file
+            _apply(cfg, value, origin)
+            continue
+        if key not in index:
+            raise ConfigError(f"{origin}: unknown config field '{key}'")
+        section_name, _ = index[key]
+        setattr(getattr(cfg, section_name), key, value)
+
+
+def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
+    """Fill stage-dependent defaults and check values; returns the same object."""
+    t, d, m, dist = cfg.train, cfg.data, cfg.model, cfg.distill
+    if t.stage not in STAGES:
+        raise ConfigError(f"train.stage: '{t.stage}' is not one of {', '.join(STAGES)}")
+    defaults = STAGE_DEFAULTS[t.stage]
+    for name, value in defaults.items():
+        section = d if name == "twins_in_batch" else t
+        if getattr(section, name) is None and value is not None:
+            setattr(section, name, value)
+    if t.warmup_steps is None:  # published recipe: 10% linear warm-up
+        t.warmup_steps = max(1, t.steps // 10)
+    if t.out is None:
+        t.out = {"teacher": "runs/teacher", "student": "runs/baseline", "distill": "runs/dcd"}[t.stage]
+    if m.teacher is None and t.stage in ("teacher", "distill"):
+        m.teacher = "film-tiny" if t.stage == "teacher" else DEFAULT_TEACHER
+    if m.teacher_zero is None:
+        m.teacher_zero = 3 if world_size > 1 else 0
+    if m.teacher_zero not in (0, 3):
+        raise ConfigError(f"model.teacher_zero: {m.teacher_zero} (use 0 or 3)")
+    if t.schedule not in ("cosine", "linear"):
+        raise ConfigError(f"train.schedule: '{t.schedule}' (use cosine or linear)")
+    if dist.weighting not in ("entropy", "wsl", "none"):
+        raise ConfigError(f"distill.weighting: '{dist.weighting}' (use entropy, wsl or none)")
+    if dist.kd_loss not in ("kl", "mse"):
+        raise ConfigError(f"distill.kd_loss: '{dist.kd_loss}' (use kl or mse)")
+    if dist.negatives_from not in ("teacher", "random"):
+        raise ConfigError(f"distill.negatives_from: '{dist.negatives_from}' (use teacher or random)")
+    directions = [x.strip() for x in dist.directions.split(",") if x.strip()]
+    if not directions or any(x not in ("i2t", "t2i") for x in directions):
+        raise ConfigError(f"distill.directions: '{dist.directions}' (use i2t, t2i or i2t,t2i)")
+    if dist.hard_negatives > dist.candidates:
+        raise ConfigError(f"distill.hard_negatives ({dist.hard_negatives}) must not exceed "
+                          f"distill.candidates ({dist.candidates})")
+    for name in ("steps", "batch_size", "save_every", "eval_every", "log_every"):
+        if getattr(t, name) is not None and getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name}: must be positive, got {getattr(t, name)}")
+    return cfg
+
+
+def parse_config(argv=None, world_size: int = 1) -> RunConfig:
+    """Parse flags (and an optional --config file) into a resolved RunConfig."""
+    args = build_parser().parse_args(argv)
+    cfg = RunConfig()
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        _apply(cfg, values, str(path))
+    _apply(cfg, vars(args), "command line")
+    return resolve(cfg, world_size)
+
+
+def load_run_config(path: str | os.PathLike) -> RunConfig:
+    """Read a saved `{out}/config.json` back (e.g. to evaluate or resume a run)."""
+    cfg = RunConfig()
+    _apply(cfg, json.loads(Path(path).read_text()), str(path))
+    return cfg
