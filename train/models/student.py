@@ -1,0 +1,403 @@
+"""The dual-encoder student: two towers, linear projections, a learnable temperature.
+
+    img_emb, txt_emb = student(pixel_values, input_ids, attention_mask)   # each [N, D], L2-normalised
+
+Towers are built from small config dicts through a registry of tower kinds, so that
+`DualEncoder.from_pretrained(folder)` can rebuild any student from its config.json alone, and other
+modules (METER) can register their own kinds. A tower is an nn.Module with `width` (the size of its
+pooled output) and `tower_config` (a JSON-able dict with "kind" and "modality"); an image tower's
+forward takes pixel_values, a text tower's takes (input_ids, attention_mask); both return [N, width].
+
+Kinds here: `cnn` (image, CPU), `transformer` and `gru` (text, CPU), `hf_clip` / `hf_vtde`
+(a transformers vision or text model built from its config; weights from a CLIPModel or
+VisionTextDualEncoderModel), `vilt` (ViLT's transformer run on image-only or text-only sequences).
+"""
+import importlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.models.teacher import (TOKENIZER_DIR, has_tokenizer_files, load_tokenizer, load_weights,
+                                  read_config, resize_and_normalize, tokenize_captions,
+                                  write_model_folder)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+# ----------------------------------------------------------------------------------------------
+# tower registry
+
+TOWER_KINDS = {}
+# kinds whose classes live in modules imported only when needed, by prefix of the kind name
+LAZY_TOWER_MODULES = {"meter": "train.models.meter"}
+
+
+def register_tower(*kinds):
+    """Class decorator: `@register_tower("cnn")`. The class is built as cls(tower_config)."""
+    def register(cls):
+        for kind in kinds:
+            TOWER_KINDS[kind] = cls
+        return cls
+    return register
+
+
+def build_tower(tower_config):
+    kind = tower_config["kind"]
+    if kind not in TOWER_KINDS:
+        module = LAZY_TOWER_MODULES.get(kind.split("_")[0])
+        if module is not None:
+            importlib.import_module(module)
+    if kind not in TOWER_KINDS:
+        raise ValueError(f"unknown tower kind {kind!r} (known: {', '.join(sorted(TOWER_KINDS))})")
+    return TOWER_KINDS[kind](dict(tower_config))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU towers
+
+@register_tower("cnn")
+class ConvImageTower(nn.Module):
+    """Small conv net that keeps the layout: coordinate channels in, an s x s feature map out, then
+    either attention pooling over positions with learned position embeddings or flatten-and-project.
+    A global average pool alone would throw away which colour sits where (the binding)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = dict(dict(channels=[32, 64, 96], pool="flatten", flatten_channels=16, width=256,
+                        image_size=64, modality="image"), **cfg)
+        self.tower_config = cfg
+        layers, in_channels = [], 5
+        for out_channels in cfg["channels"]:
+            layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+                       nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
+            in_channels = out_channels
+        self.convs = nn.Sequential(*layers)
+        side = cfg["image_size"] // 2 ** len(cfg["channels"])
+        if cfg["pool"] == "flatten":
+            self.squeeze = nn.Conv2d(in_channels, cfg["flatten_channels"], 1)
+            self.project = nn.Sequential(
+                nn.Linear(cfg["flatten_channels"] * side * side, cfg["width"]), nn.ReLU(inplace=True),
+                nn.Linear(cfg["width"], cfg["width"]))
+        elif cfg["pool"] == "attention":
+            self.position = nn.Parameter(torch.randn(1, side * side, in_channels) * 0.02)
+            self.attend = nn.MultiheadAttention(in_channels, num_heads=4, batch_first=True)
+            self.query = nn.Parameter(torch.randn(1, 1, in_channels) * 0.02)
+            self.project = nn.Linear(in_channels, cfg["width"])
+        else:
+            raise ValueError(f"cnn tower pool must be 'flatten' or 'attention', not {cfg['pool']!r}")
+        self.width = cfg["width"]
+
+    def forward(self, pixel_values):
+        n, _, h, w = pixel_values.shape
+        ys = torch.linspace(-1, 1, h, device=pixel_values.device, dtype=pixel_values.dtype)
+        xs = torch.linspace(-1, 1, w, device=pixel_values.device, dtype=pixel_values.dtype)
+        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+        coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(n, -1, -1, -1)
+        features = self.convs(torch.cat([pixel_values, coords], dim=1))
+        if self.tower_config["pool"] == "flatten":
+            return self.project(self.squeeze(features).flatten(1))
+        tokens = features.flatten(2).transpose(1, 2) + self.position
+        pooled, _ = self.attend(self.query.expand(n, -1, -1), tokens, tokens, need_weights=False)
+        return self.project(pooled[:, 0])
+
+
+def masked_mean(states, attention_mask):
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@register_tower("transformer")
+class TransformerTextTower(nn.Module):
+    """Pre-norm transformer encoder over word + position embeddings, masked mean pool."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = dict(dict(width=128, layers=2, heads=4, ff=512, max_length=48, dropout=0.0,
+                        modality="text"), **cfg)
+        self.tower_config = cfg
+        self.embed = nn.Embedding(cfg["vocab_size"], cfg["width"])
+        self.position = nn.Embedding(cfg["max_length"], cfg["width"])
+        layer = nn.TransformerEncoderLayer(cfg["width"], cfg["heads"], cfg["ff"], cfg["dropout"],
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg["layers"], enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg["width"])
+        self.width = cfg["width"]
+
+    def forward(self, input_ids, attention_mask):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids) + self.position(positions)[None]
+        x = self.encoder(x, src_key_padding_mask=attention_mask == 0)
+        return masked_mean(self.norm(x), attention_mask)
+
+
+@register_tower("gru")
+class GruTextTower(nn.Module):
+    """Bidirectional GRU, final states of both directions (packed: padding does not matter)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        cfg = dict(dict(word_dim=64, hidden=128, modality="text"), **cfg)
+        self.tower_config = cfg
+        self.embed = nn.Embedding(cfg["vocab_size"], cfg["word_dim"])
+        self.gru = nn.GRU(cfg["word_dim"], cfg["hidden"], batch_first=True, bidirectional=True)
+        self.width = 2 * cfg["hidden"]
+
+    def forward(self, input_ids, attention_mask):
+        lengths = attention_mask.sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(input_ids), lengths, batch_first=True,
+                                                   enforce_sorted=False)
+        _, final = self.gru(packed)
+        return torch.cat([final[0], final[1]], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# towers from transformers models
+
+@register_tower("hf_clip", "hf_vtde")
+class HfPooledTower(nn.Module):
+    """A transformers vision or text model (built from its config dict with AutoModel) whose
+    pooler_output is the tower's feature; the model's projection becomes the student's projection.
+    CLIPModel and VisionTextDualEncoderModel both hold exactly such models as vision_model/text_model."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+        self.tower_config = dict(cfg)
+        hf_config = dict(cfg["hf_config"])
+        self.model = AutoModel.from_config(AutoConfig.for_model(hf_config.pop("model_type"), **hf_config))
+        self.width = self.model.config.hidden_size
+        self.is_image = cfg["modality"] == "image"
+
+    def forward(self, *inputs):
+        if self.is_image:
+            return self.model(pixel_values=inputs[0]).pooler_output
+        input_ids, attention_mask = inputs
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+
+@register_tower("vilt")
+class ViltUnimodalTower(nn.Module):
+    """ViLT's single-stream transformer run on one modality: [image CLS + patches] or [text tokens],
+    each with ViLT's own embeddings and modality-type embedding; pooled by ViLT's pooler on the first
+    token. Initialised from a ViLT teacher, both towers start from what the teacher learned."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        from transformers import ViltConfig, ViltModel
+        self.tower_config = dict(cfg)
+        vilt = ViltModel(ViltConfig.from_dict(dict(cfg["hf_config"])), add_pooling_layer=True)
+        self.is_image = cfg["modality"] == "image"
+        self._take_parts(vilt)
+        self.width = vilt.config.hidden_size
+
+    def _take_parts(self, vilt):
+        # only the parts this modality uses, so no parameter sits without a gradient
+        if self.is_image:
+            self.embeddings = vilt.embeddings
+        else:
+            self.text_embeddings = vilt.embeddings.text_embeddings
+            self.token_type_embeddings = vilt.embeddings.token_type_embeddings
+        self.encoder, self.layernorm, self.pooler = vilt.encoder, vilt.layernorm, vilt.pooler
+
+    def load_from_vilt(self, vilt):
+        """Copy weights from a transformers ViltModel (the teacher's `.vilt`)."""
+        source = {"encoder": vilt.encoder, "layernorm": vilt.layernorm, "pooler": vilt.pooler}
+        if self.is_image:
+            source["embeddings"] = vilt.embeddings
+        else:
+            source["text_embeddings"] = vilt.embeddings.text_embeddings
+            source["token_type_embeddings"] = vilt.embeddings.token_type_embeddings
+        for name, module in source.items():
+            getattr(self, name).load_state_dict(module.state_dict())
+
+    def forward(self, *inputs):
+        if self.is_image:
+            hidden, additive_mask = self._image_sequence(inputs[0]), None
+        else:
+            hidden, additive_mask = self._text_sequence(*inputs)
+        hidden = self.encoder(hidden, attention_mask=additive_mask).last_hidden_state
+        return self.pooler(self.layernorm(hidden))
+
+    def _image_sequence(self, pixel_values):
+        # ViltEmbeddings.forward builds image tokens (CLS, patches, interpolated positions, type 1)
+        # only next to text: give it a one-token placeholder text and drop that token again
+        n = pixel_values.shape[0]
+        placeholder = torch.zeros(n, 1, dtype=torch.long, device=pixel_values.device)
+        pixel_mask = torch.ones(n, *pixel_values.shape[-2:], dtype=torch.long, device=pixel_values.device)
+        embeddings, _ = self.embeddings(placeholder, torch.ones_like(placeholder), None, pixel_values,
+                                        pixel_mask, None, None, image_token_type_idx=1)
+        return embeddings[:, 1:]
+
+    def _text_sequence(self, input_ids, attention_mask):
+        hidden = self.text_embeddings(input_ids=input_ids)
+        hidden = hidden + self.token_type_embeddings(torch.zeros_like(input_ids))
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        return hidden, additive_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# the dual encoder
+
+STUDENT_DEFAULTS = dict(backend="dual_encoder", embed_dim=128, projection_bias=True, image_size=64,
+                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], max_length=48,
+                        init_temperature=0.07, max_logit_scale=100.0)
+
+
+class Temperature(nn.Module):
+    """Holds log(1/T). A submodule (not a bare parameter) so that ZeRO-3 gathers it via its forward."""
+
+    def __init__(self, init_temperature, max_scale):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.max_log_scale = math.log(max_scale)
+
+    def forward(self):
+        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, config, tokenizer, image_tower=None, text_tower=None):
+        """config: STUDENT_DEFAULTS overrides plus "image_tower" / "text_tower" tower configs.
+        Externally built towers (e.g. METER's) may be passed in; their tower_config is what gets saved."""
+        super().__init__()
+        cfg = dict(STUDENT_DEFAULTS, **config)
+        self.image_tower = image_tower if image_tower is not None else build_tower(cfg["image_tower"])
+        self.text_tower = text_tower if text_tower is not None else build_tower(cfg["text_tower"])
+        cfg["image_tower"] = dict(self.image_tower.tower_config)
+        cfg["text_tower"] = dict(self.text_tower.tower_config)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.image_proj = nn.Linear(self.image_tower.width, cfg["embed_dim"], bias=cfg["projection_bias"])
+        self.text_proj = nn.Linear(self.text_tower.width, cfg["embed_dim"], bias=cfg["projection_bias"])
+        self.temperature = Temperature(cfg["init_temperature"], cfg["max_logit_scale"])
+
+    @property
+    def logit_scale(self):
+        return self.temperature.logit_scale
+
+    def temperature_scale(self):
+        """exp(logit_scale) clamped to max_logit_scale (100): multiply cosine similarities by it."""
+        return self.temperature()
+
+    # -- inputs
+    def preprocess_images(self, pixels):
+        return resize_and_normalize(pixels, self.cfg["image_size"], self.cfg["image_mean"],
+                                    self.cfg["image_std"])
+
+    def tokenize(self, captions):
+        return tokenize_captions(self.tokenizer, captions, self.cfg["max_length"])
+
+    # -- compute
+    def encode_image(self, pixel_values):
+        return F.normalize(self.image_proj(self.image_tower(pixel_values)), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask):
+        return F.normalize(self.text_proj(self.text_tower(input_ids, attention_mask)), dim=-1)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+
+    # -- persistence: loadable with nothing from the trainer
+    def save_pretrained(self, folder):
+        write_model_folder(self, folder, self.cfg, self.tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        folder = Path(folder)
+        model = cls(read_config(folder), load_tokenizer(folder / TOKENIZER_DIR))
+        return load_weights(model, folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# initialisations
+
+def student_from_config(config, tokenizer):
+    """Random init from a preset config; text towers learn their vocabulary size from the tokenizer."""
+    config = json.loads(json.dumps(config))  # private copy
+    config["text_tower"].setdefault("vocab_size", len(tokenizer))
+    config["text_tower"].setdefault("max_length", config.get("max_length", STUDENT_DEFAULTS["max_length"]))
+    config["image_tower"].setdefault("image_size", config.get("image_size", STUDENT_DEFAULTS["image_size"]))
+    return DualEncoder(config, tokenizer)
+
+
+def _image_processor_settings(folder, default_size, default_mean, default_std):
+    """Size and mean/std from a preprocessor_config.json (crop size wins: it is what the model sees)."""
+    size, mean, std = default_size, default_mean, default_std
+    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
+    if path is not None and path.is_file():
+        processor = json.loads(path.read_text())
+        declared = processor.get("crop_size") or processor.get("size") or size
+        if isinstance(declared, dict):
+            declared = declared.get("shortest_edge") or declared.get("height") or size
+        size = declared
+        mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
+    return int(size), list(mean), list(std)
+
+
+def _hf_tokenizer(name_or_folder, tokenizer_dir):
+    folder = Path(name_or_folder)
+    if folder.is_dir() and has_tokenizer_files(folder):
+        return load_tokenizer(folder)
+    if not folder.is_dir():
+        try:
+            return load_tokenizer(name_or_folder)
+        except OSError:
+            pass
+    if tokenizer_dir is None:
+        raise ValueError(f"{name_or_folder} has no tokenizer and no data tokenizer was given")
+    return load_tokenizer(tokenizer_dir)
+
+
+def _student_from_hf_dual(hf_model, vision_model, text_model, name_or_folder, tokenizer_dir, kind,
+                          default_mean, default_std):
+    """Shared by CLIP and VisionTextDualEncoder: towers, projections and temperature copied over."""
+    vision_config = vision_model.config.to_dict()
+    text_config = text_model.config.to_dict()
+    image_tower = build_tower({"kind": kind, "modality": "image", "hf_config": vision_config})
+    text_tower = build_tower({"kind": kind, "modality": "text", "hf_config": text_config})
+    image_tower.model.load_state_dict(vision_model.state_dict())
+    text_tower.model.load_state_dict(text_model.state_dict())
+    local = Path(name_or_folder).is_dir()
+    size, mean, std = _image_processor_settings(name_or_folder if local else None,
+                                                vision_model.config.image_size, default_mean, default_std)
+    config = dict(embed_dim=hf_model.config.projection_dim, projection_bias=False, image_size=size,
+                  image_mean=mean, image_std=std,
+                  max_length=getattr(text_model.config, "max_position_embeddings", 77))
+    student = DualEncoder(config, _hf_tokenizer(name_or_folder, tokenizer_dir), image_tower, text_tower)
+    student.image_proj.load_state_dict(hf_model.visual_projection.state_dict())
+    student.text_proj.load_state_dict(hf_model.text_projection.state_dict())
+    with torch.no_grad():
+        student.logit_scale.copy_(hf_model.logit_scale.detach())
+    return student
+
+
+def student_from_hf_clip(name_or_folder, tokenizer_dir=None):
+    from transformers import CLIPModel
+    clip = CLIPModel.from_pretrained(str(name_or_folder))
+    return _student_from_hf_dual(clip, clip.vision_model, clip.text_model, name_or_folder,
+                                 tokenizer_dir, "hf_clip", CLIP_MEAN, CLIP_STD)
+
+
+def student_from_hf_vtde(name_or_folder, tokenizer_dir=None):
+    from transformers import VisionTextDualEncoderModel
+    vtde = VisionTextDualEncoderModel.from_pretrained(str(name_or_folder))
+    return _student_from_hf_dual(vtde, vtde.vision_model, vtde.text_model, name_or_folder,
+                                 tokenizer_dir, "hf_vtde", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+
+
+def student_from_vilt_teacher(teacher, embed_dim=256):
+    """Both towers start as the teacher's ViLT transformer (DESIGN.md section 8); the inputs are
+    prepared exactly as the teacher prepares them (same tokenizer, image size, normalisation)."""
+    vilt = teacher.model.vilt
+    towers = []
+    for modality in ("image", "text"):
+        tower = build_tower({"kind": "vilt", "modality": modality, "hf_config": vilt.config.to_dict()})
+        tower.load_from_vilt(vilt)
+        towers.append(tower)
+    config = dict(embed_dim=embed_dim, image_size=teacher.image_size, image_mean=teacher.image_mean,
+                  image_std=teacher.image_std, max_length=teacher.max_length)
+    return DualEncoder(config, teacher.tokenizer, *towers)
