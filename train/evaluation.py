@@ -1,0 +1,454 @@
+"""Evaluation at scale: embed a split with the student, teacher all-pairs, retrieve-then-rerank.
+
+The split is held in memory as an `EvalSplit` (uint8 pixels, flat caption list): 1,000 images at
+64 px are 12 MB, COCO 5K at 224 px ~750 MB. Every function here works on that object, so the same
+code serves the CLI tools, the trainer's periodic evaluation and the tests (which build splits from
+tensors).
+
+Distributed teacher scoring: each rank scores a contiguous block of rows (images) or pairs, the blocks
+are padded to equal length and exchanged with `all_gather`, so every rank ends with the full result,
+identical to a 1-rank run. Models are called through `model(...)` (forward) so a DeepSpeed ZeRO-3
+inference engine gathers its parameters through its hooks; `preprocess_images` and `tokenize` are
+read from `model.module` when the model is wrapped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from train.metrics import RECALL_KS, retrieval_metrics_from_ranked
+
+# ----------------------------------------------------------------------------------------------
+# The split in memory
+
+
+@dataclass
+class EvalSplit:
+    """An evaluation gallery: images once each, captions flattened with their image's index."""
+    pixels: torch.Tensor               # uint8 [I, 3, S, S]
+    captions: List[str]                # [T]
+    caption_image_index: torch.Tensor  # long [T]: gallery index of each caption's image
+    image_ids: torch.Tensor            # long [I]: dataset image ids
+    twin_index: torch.Tensor           # long [I]: gallery index of the twin image, -1 when none here
+    keys: List[str]                    # [I]: shard sample keys
+    name: str = "split"
+    fingerprint: str = field(default="")  # content hash; filled in by __post_init__ when empty
+
+    def __post_init__(self):
+        self.caption_image_index = torch.as_tensor(self.caption_image_index, dtype=torch.long)
+        self.image_ids = torch.as_tensor(self.image_ids, dtype=torch.long)
+        self.twin_index = torch.as_tensor(self.twin_index, dtype=torch.long)
+        if not self.fingerprint:
+            self.fingerprint = content_fingerprint(self.pixels, self.captions, self.caption_image_index)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def has_twins(self) -> bool:
+        return bool((self.twin_index >= 0).any())
+
+    def captions_of(self, image: int) -> List[str]:
+        return [self.captions[t] for t in torch.nonzero(self.caption_image_index == image).flatten()]
+
+    def subset(self, num_images: int, captions_per_image: Optional[int] = None) -> "EvalSplit":
+        """The first `num_images` images with their own captions (the first few of each, if asked)."""
+        num_images = min(num_images, self.num_images)
+        keep = self.caption_image_index < num_images
+        if captions_per_image is not None:
+            keep &= _position_within_image(self.caption_image_index) < captions_per_image
+        kept = torch.nonzero(keep).flatten()
+        twins = self.twin_index[:num_images]
+        twins = torch.where(twins < num_images, twins, torch.full_like(twins, -1))
+        return EvalSplit(pixels=self.pixels[:num_images],
+                         captions=[self.captions[t] for t in kept.tolist()],
+                         caption_image_index=self.caption_image_index[kept],
+                         image_ids=self.image_ids[:num_images], twin_index=twins,
+                         keys=self.keys[:num_images], name=self.name)
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[dict], name: str = "split") -> "EvalSplit":
+        """Collect eval batches (train/data.py `iterate_eval`) into one gallery."""
+        pixels, captions, caption_image, image_ids, twin_ids, keys = [], [], [], [], [], []
+        for batch in batches:
+            for own_captions in batch["captions"]:
+                caption_image.extend([len(image_ids)] * len(own_captions))
+                captions.extend(own_captions)
+                image_ids.append(-1)  # counts this image; the batch's real ids replace it below
+            image_ids[-len(batch["captions"]):] = torch.as_tensor(batch["image_ids"]).tolist()
+            pixels.append(batch["pixels"])
+            twin_ids.extend(torch.as_tensor(batch["twin_ids"]).tolist())
+            keys.extend(batch["keys"])
+        if not pixels:
+            raise ValueError(f"no images in {name}")
+        return cls(pixels=torch.cat(pixels), captions=captions,
+                   caption_image_index=torch.tensor(caption_image, dtype=torch.long),
+                   image_ids=torch.tensor(image_ids, dtype=torch.long),
+                   twin_index=twin_gallery_index(image_ids, twin_ids), keys=keys, name=name)
+
+
+def _position_within_image(caption_image_index: torch.Tensor) -> torch.Tensor:
+    """For each caption, how many earlier captions belong to the same image (0 for the first)."""
+    positions = torch.empty_like(caption_image_index)
+    seen: Dict[int, int] = {}
+    for t, image in enumerate(caption_image_index.tolist()):
+        positions[t] = seen.get(image, 0)
+        seen[image] = positions[t].item() + 1
+    return positions
+
+
+def twin_gallery_index(image_ids: Sequence[int], twin_ids: Sequence[int]) -> torch.Tensor:
+    """Map each image's twin image id to its gallery index; -1 when there is none or it is absent."""
+    position = {int(image_id): i for i, image_id in enumerate(image_ids)}
+    return torch.tensor([position.get(int(twin), -1) if twin is not None and int(twin) >= 0 else -1
+                         for twin in twin_ids], dtype=torch.long)
+
+
+def read_manifest(shards_dir, split: str) -> dict:
+    path = Path(shards_dir) / f"{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest {path} (write shards with tools/make_shards.py)")
+    return json.loads(path.read_text())
+
+
+def read_eval_split(shards_dir, split: str, image_size: Optional[int] = None,
+                    max_images: Optional[int] = None, batch_size: int = 256) -> EvalSplit:
+    """Load a shard split written by tools/make_shards.py into memory (rank 0 of 1: every rank
+    needs every caption; the work is split across ranks when scoring)."""
+    from train import data  # imported here so this module (and its tests) need not load WebDataset
+
+    manifest = read_manifest(shards_dir, split)
+    image_size = image_size or manifest.get("image_size")
+    if not image_size:
+        raise ValueError(f"{split}.json names no image_size: pass the image size explicitly")
+    batches = data.iterate_eval(str(shards_dir), split, batch_size, int(image_size), rank=0,
+                                world_size=1, max_images=max_images)
+    return EvalSplit.from_batches(batches, name=split)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints (cache keys)
+
+
+def content_fingerprint(pixels: torch.Tensor, captions: Sequence[str],
+                        caption_image_index: torch.Tensor) -> str:
+    """Hash of what a model sees: exact, so regenerated shards with other content never hit a stale
+    cache, and a copy of the same data in another folder still does."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(pixels.contiguous().cpu().numpy().tobytes())
+    digest.update("\x1f".join(captions).encode())
+    digest.update(caption_image_index.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of a model's configuration and every parameter and buffer (names, shapes, values)."""
+    model = _unwrap(model)
+    digest = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    if config is not None:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else getattr(config, "__dict__", config)
+        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    digest.update(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+def _unwrap(model):
+    """The module that holds preprocess_images / tokenize (a DeepSpeed engine keeps it in .module)."""
+    return getattr(model, "module", model)
+
+
+def _device_of(model) -> torch.device:
+    for parameter in _unwrap(model).parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    """eval() and no autograd for the duration; the caller's train/eval flag is restored after."""
+    module = _unwrap(model)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def _tokens(model, captions: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    encoded = _unwrap(model).tokenize(list(captions))
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def _pixels(model, pixels_uint8: torch.Tensor, device) -> torch.Tensor:
+    return _unwrap(model).preprocess_images(pixels_uint8.to(device))
+
+
+def _by_length(captions: Sequence[str]) -> List[int]:
+    """Caption order by length: batches of similar lengths pad less (results are put back after)."""
+    return sorted(range(len(captions)), key=lambda t: len(captions[t]))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="pair", unit_scale=True, disable=not enabled,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Student
+
+
+@dataclass
+class SplitEmbeddings:
+    images: torch.Tensor  # float [I, D], L2-normalised, on CPU
+    texts: torch.Tensor   # float [T, D]
+    from_cache: bool = False
+
+
+def embedding_cache_path(cache_dir, split: EvalSplit, student) -> Path:
+    """Cache file keyed by split name, data fingerprint and model fingerprint: a change to either
+    gives a new key, so a stale file is simply never read again."""
+    safe_name = "".join(c if c.isalnum() or c in "-_" else "_" for c in split.name)
+    return Path(cache_dir) / f"{safe_name}-{split.fingerprint[:16]}-{model_fingerprint(student)[:16]}.pt"
+
+
+def embed_split(student, split: EvalSplit, batch_size: int = 256, cache_dir=None) -> SplitEmbeddings:
+    """Embed every image and caption once (batched), reading/writing a disk cache when given."""
+    cache_path = embedding_cache_path(cache_dir, split, student) if cache_dir else None
+    if cache_path is not None and cache_path.is_file():
+        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        return SplitEmbeddings(cached["images"], cached["texts"], from_cache=True)
+    device = _device_of(student)
+    module = _unwrap(student)
+    with _evaluating(student):
+        images = torch.cat([module.encode_image(_pixels(student, split.pixels[start:start + batch_size],
+                                                        device)).float().cpu()
+                            for start in range(0, split.num_images, batch_size)])
+        order = _by_length(split.captions)
+        texts_sorted = []
+        for start in range(0, len(order), batch_size):
+            batch = [split.captions[t] for t in order[start:start + batch_size]]
+            texts_sorted.append(module.encode_text(*_tokens(student, batch, device)).float().cpu())
+        texts = torch.empty_like(torch.cat(texts_sorted))
+        texts[torch.tensor(order, dtype=torch.long)] = torch.cat(texts_sorted)
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"images": images, "texts": texts, "split": split.name}, partial)
+        partial.replace(cache_path)  # atomic: concurrent ranks never read half a file
+    return SplitEmbeddings(images, texts)
+
+
+def student_scores(embeddings: SplitEmbeddings) -> torch.Tensor:
+    """Cosine similarities [I, T] (embeddings are L2-normalised; the temperature does not change ranks)."""
+    return embeddings.images @ embeddings.texts.t()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distribution helpers
+
+
+def distributed_context(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """Explicit rank/world size, else torch.distributed's when initialised, else (0, 1)."""
+    import torch.distributed as dist
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def block_of_rank(count: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """[start, end) of this rank's contiguous block; every block but the last has ceil(count/world)."""
+    per_rank = -(-count // world_size)
+    start = min(rank * per_rank, count)
+    return start, min(start + per_rank, count)
+
+
+def gather_blocks(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's block (along dim 0) on every rank; blocks are padded to equal size
+    for all_gather and the padding is dropped."""
+    if world_size == 1:
+        return local
+    import torch.distributed as dist
+    per_rank = -(-total // world_size)
+    padded = local.new_full((per_rank,) + tuple(local.shape[1:]), float("nan"))
+    padded[:local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(pieces, padded)
+    return torch.cat(pieces)[:total]
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher
+
+
+def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 16,
+                      captions_per_chunk: int = 256, rank: Optional[int] = None,
+                      world_size: Optional[int] = None, progress: bool = True) -> torch.Tensor:
+    """Score every (image, caption) pair: float [I, T] on CPU, the same on every rank.
+
+    Each call scores a grid of `images_per_chunk` images x `captions_per_chunk` captions through the
+    index form of forward, so the cross-encoder encodes each image and caption of the grid once.
+    Captions are tokenized once (sorted by length to pad less); images are split across ranks.
+    """
+    rank, world_size = distributed_context(rank, world_size)
+    device = _device_of(teacher)
+    start, end = block_of_rank(split.num_images, rank, world_size)
+    order = _by_length(split.captions)
+    caption_chunks = [order[i:i + captions_per_chunk] for i in range(0, len(order), captions_per_chunk)]
+    local = torch.empty(end - start, split.num_captions)
+    bar = _progress((end - start) * split.num_captions, f"teacher all pairs (rank {rank})",
+                    progress and rank == 0)
+    with _evaluating(teacher):
+        tokens = [_tokens(teacher, [split.captions[t] for t in chunk], device) for chunk in caption_chunks]
+        columns = [torch.tensor(chunk, dtype=torch.long) for chunk in caption_chunks]
+        for image_start in range(start, end, images_per_chunk):
+            image_end = min(image_start + images_per_chunk, end)
+            pixel_values = _pixels(teacher, split.pixels[image_start:image_end], device)
+            num_images = image_end - image_start
+            for (input_ids, attention_mask), column in zip(tokens, columns):
+                image_index, text_index = _grid(num_images, len(column), device)
+                logits = teacher(pixel_values, input_ids, attention_mask,
+                                 image_index=image_index, text_index=text_index)
+                local[image_start - start:image_end - start, column] = \
+                    logits.float().reshape(num_images, len(column)).cpu()
+                bar.update(num_images * len(column))
+    bar.close()
+    return gather_blocks(local.to(device), split.num_images, world_size).cpu()
+
+
+def _grid(num_images: int, num_texts: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs of every image with every text, image-major (row n = image n // T, text n % T)."""
+    image_index = torch.arange(num_images, device=device).repeat_interleave(num_texts)
+    text_index = torch.arange(num_texts, device=device).repeat(num_images)
+    return image_index, text_index
+
+
+def teacher_pair_scores(teacher, split: EvalSplit, image_index: torch.Tensor,
+                        caption_index: torch.Tensor, pairs_per_call: int = 4096,
+                        rank: Optional[int] = None, world_size: Optional[int] = None,
+                        progress: bool = False) -> torch.Tensor:
+    """Teacher scores of the listed (image, caption) pairs: float [P], the same on every rank.
+
+    Pairs are sorted image-major so a call holds few distinct images; each call encodes its distinct
+    images and captions once. Ranks take contiguous blocks of the sorted pairs.
+    """
+    rank, world_size = distributed_context(rank, world_size)
+    device = _device_of(teacher)
+    image_index = torch.as_tensor(image_index, dtype=torch.long).flatten()
+    caption_index = torch.as_tensor(caption_index, dtype=torch.long).flatten()
+    total = image_index.numel()
+    order = torch.argsort(image_index * max(split.num_captions, 1) + caption_index, stable=True)
+    start, end = block_of_rank(total, rank, world_size)
+    local = torch.empty(end - start)
+    bar = _progress(end - start, f"teacher pairs (rank {rank})", progress and rank == 0)
+    with _evaluating(teacher):
+        for chunk_start in range(start, end, pairs_per_call):
+            chunk = order[chunk_start:min(chunk_start + pairs_per_call, end)]
+            images, image_pos = torch.unique(image_index[chunk], return_inverse=True)
+            captions, caption_pos = torch.unique(caption_index[chunk], return_inverse=True)
+            pixel_values = _pixels(teacher, split.pixels[images], device)
+            input_ids, attention_mask = _tokens(teacher, [split.captions[t] for t in captions.tolist()],
+                                                device)
+            logits = teacher(pixel_values, input_ids, attention_mask,
+                             image_index=image_pos.to(device), text_index=caption_pos.to(device))
+            local[chunk_start - start:chunk_start - start + len(chunk)] = logits.float().cpu()
+            bar.update(len(chunk))
+    bar.close()
+    scores_sorted = gather_blocks(local.to(device), total, world_size).cpu()
+    scores = torch.empty(total)
+    scores[order] = scores_sorted
+    return scores
+
+
+def teacher_binding_scores(teacher, split: EvalSplit, **pair_options) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(own image score, twin image score) per caption whose image has a twin in the gallery:
+    2 teacher pairs per caption, cheap enough to report even when all pairs are skipped."""
+    from train.metrics import twin_pairs
+    captions, own, twin = twin_pairs(split.caption_image_index, split.twin_index)
+    scores = teacher_pair_scores(teacher, split, torch.cat([own, twin]), torch.cat([captions, captions]),
+                                 **pair_options)
+    return scores[:len(captions)], scores[len(captions):]
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieve, then rerank
+
+
+def ranked_top(scores: torch.Tensor, depth: int) -> torch.Tensor:
+    """Indices of each row's `depth` best columns, best first; ties keep the lower index first
+    (a stable sort, so the order is deterministic)."""
+    depth = min(depth, scores.shape[1])
+    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
+
+
+def rerank_rows(candidates: torch.Tensor, teacher_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reorder each row's first k candidates by teacher score (descending, ties keep the student's
+    order); the candidates after k keep the student's order."""
+    k = min(k, candidates.shape[1])
+    reorder = torch.sort(teacher_scores, dim=1, descending=True, stable=True).indices
+    return torch.cat([candidates[:, :k].gather(1, reorder), candidates[:, k:]], dim=1)
+
+
+@dataclass
+class RerankResult:
+    metrics: Dict[str, float]
+    ranked_captions_per_image: torch.Tensor  # long [I, n]: reranked top-k, then the student's order
+    ranked_images_per_caption: torch.Tensor  # long [T, m]
+    teacher_pairs: int                       # distinct pairs the teacher scored
+
+
+def rerank(scores: torch.Tensor, teacher, split: EvalSplit, k: int = 16,
+           pairs_per_call: int = 4096, rank: Optional[int] = None, world_size: Optional[int] = None,
+           progress: bool = False, ks: Sequence[int] = RECALL_KS) -> RerankResult:
+    """Student top-k per query in both directions, reordered by the teacher.
+
+    The ranked lists are max(k, max(ks)) deep (reranked top-k, then the student's next candidates), so
+    Recall@K is exact against the full gallery. A pair proposed by both directions is scored once:
+    at most (I + T) * k teacher pairs instead of I * T.
+    """
+    depth = max(k, max(ks))
+    captions_per_image = ranked_top(scores, depth)        # [I, n]
+    images_per_caption = ranked_top(scores.t(), depth)    # [T, m]
+    k_text, k_image = min(k, captions_per_image.shape[1]), min(k, images_per_caption.shape[1])
+    num_images, num_captions = scores.shape
+    image_query_pairs = (torch.arange(num_images).repeat_interleave(k_text),
+                         captions_per_image[:, :k_text].reshape(-1))
+    caption_query_pairs = (images_per_caption[:, :k_image].reshape(-1),
+                           torch.arange(num_captions).repeat_interleave(k_image))
+    linear = torch.cat([image_query_pairs[0] * num_captions + image_query_pairs[1],
+                        caption_query_pairs[0] * num_captions + caption_query_pairs[1]])
+    distinct, position = torch.unique(linear, return_inverse=True)
+    distinct_scores = teacher_pair_scores(teacher, split, distinct // num_captions, distinct % num_captions,
+                                          pairs_per_call=pairs_per_call, rank=rank,
+                                          world_size=world_size, progress=progress)
+    pair_scores = distinct_scores[position]
+    text_scores = pair_scores[:num_images * k_text].reshape(num_images, k_text)
+    image_scores = pair_scores[num_images * k_text:].reshape(num_captions, k_image)
+    by_image = rerank_rows(captions_per_image, text_scores, k_text)
+    by_caption = rerank_rows(images_per_caption, image_scores, k_image)
+    metrics = retrieval_metrics_from_ranked(by_image, by_caption, split.caption_image_index, ks)
+    return RerankResult(metrics, by_image, by_caption, teacher_pairs=int(distinct.numel()))
