@@ -1,0 +1,566 @@
+"""METER co-attention cross-encoder teacher (backend "meter") and the official checkpoint's key mapping.
+
+METER (Dou et al. 2022, "An Empirical Study of Training End-to-End Vision-and-Language Transformers")
+encodes the image and the caption separately (a CLIP ViT and a RoBERTa), projects both to the fusion
+width, adds a modality (token-type) embedding, then runs N co-attention layers: at every layer each side
+does self-attention, cross-attention to the other side's previous-layer states, and a feed-forward
+block (post-LayerNorm, BERT style). The first token of each side is pooled (dense + tanh), and the
+retrieval score is one linear logit on [text_pooled, image_pooled].
+
+Because the two towers are unimodal, a batch of pairs built from I unique images and T unique captions
+encodes each image and each caption once; only the fusion layers run per pair.
+
+This module is imported lazily by `train/models/presets.py` (specs `meter-*`, folders whose config.json
+has backend "meter"). Public entry points:
+    build_meter_teacher(spec_or_folder, tokenizer_dir=None) -> MeterTeacher
+    load_meter_checkpoint(path) -> state dict in this backend's names
+    map_meter_state_dict(meter_state_dict) -> state dict in this backend's names
+    meter_student_from_teacher(teacher, embed_dim=256) -> DualEncoder (the teacher's towers, no fusion)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig,
+                          RobertaModel)
+
+from train.models.teacher import CrossEncoder, load_tokenizer
+
+BACKEND_NAME = "meter"
+
+# OpenAI CLIP's pixel statistics: METER's "clip" transforms normalise with them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Token types METER gives each side before fusion: text 0, image 1 (`image_token_type_idx=1`).
+TEXT_TOKEN_TYPE = 0
+IMAGE_TOKEN_TYPE = 1
+
+
+@dataclass
+class MeterConfig:
+    """Every size that shapes a METER model; saved as config.json beside the weights."""
+    # Image tower: a CLIP ViT. `vision_layers` counts the blocks this model runs; METER builds OpenAI
+    # CLIP with one block fewer than the released CLIP (ViT-B/16 has 12, METER runs 11).
+    image_size: int = 64
+    patch_size: int = 16
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 2
+    vision_intermediate: int = 256
+    vision_layer_norm_eps: float = 1e-5
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    # Text tower: RoBERTa (METER's published choice) or BERT.
+    text_kind: str = "roberta"
+    vocab_size: int = 1000
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    text_intermediate: int = 256
+    text_layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    type_vocab_size: int = 1
+    max_position_embeddings: int = 514
+    max_text_len: int = 40
+    text_dropout: float = 0.1
+    # Co-attention fusion (METER's `num_top_layer` BertCrossLayers per side).
+    hidden_size: int = 64
+    fusion_layers: int = 2
+    fusion_heads: int = 2
+    fusion_intermediate: int = 256
+    # METER builds its fusion layers from a default BertConfig/RobertaConfig: eps 1e-12, dropout 0.1.
+    fusion_layer_norm_eps: float = 1e-12
+    fusion_dropout: float = 0.1
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MeterConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown METER config fields: {unknown}")
+        values = dict(values)
+        for name in ("image_mean", "image_std"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
+
+
+def meter_tiny_config(vocab_size: int, pad_token_id: int, max_text_len: int = 40) -> MeterConfig:
+    """CPU preset: a 2-layer 64-wide CLIP ViT at 64 px, a 2-layer RoBERTa over the data tokenizer's
+    vocabulary, and 2 co-attention layers. For tests and pipeline checks, not for accuracy."""
+    return MeterConfig(
+        image_size=64, patch_size=16, vision_width=64, vision_layers=2, vision_heads=2,
+        vision_intermediate=256,
+        text_kind="roberta", vocab_size=vocab_size, text_width=64, text_layers=2, text_heads=2,
+        text_intermediate=256, pad_token_id=pad_token_id, type_vocab_size=1,
+        # RoBERTa numbers positions from pad_token_id + 1, so the table needs that many extra rows.
+        max_position_embeddings=max_text_len + pad_token_id + 1, max_text_len=max_text_len,
+        hidden_size=64, fusion_layers=2, fusion_heads=2, fusion_intermediate=256)
+
+
+def meter_clip16_roberta_config() -> MeterConfig:
+    """The published METER-CLIP16-RoBERTa: CLIP ViT-B/16 at 288 px (11 of its 12 blocks, as METER runs
+    them), roberta-base (vocabulary 50265, 514 positions, pad id 1), 6 co-attention layers of width 768
+    with 12 heads, text truncated to 40 tokens (meter/config.py)."""
+    return MeterConfig(
+        image_size=288, patch_size=16, vision_width=768, vision_layers=11, vision_heads=12,
+        vision_intermediate=3072,
+        text_kind="roberta", vocab_size=50265, text_width=768, text_layers=12, text_heads=12,
+        text_intermediate=3072, text_layer_norm_eps=1e-5, pad_token_id=1, type_vocab_size=1,
+        max_position_embeddings=514, max_text_len=40,
+        hidden_size=768, fusion_layers=6, fusion_heads=12, fusion_intermediate=3072)
+
+
+PRESETS = {"meter-tiny", "meter-clip16-roberta"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unimodal towers (shared with the student built from a METER teacher)
+
+class MeterImageTower(nn.Module):
+    """CLIP ViT through Hugging Face `CLIPVisionModel`; returns every token after the final LayerNorm
+    (METER applies CLIP's `ln_post` to all tokens, where HF applies it to the class token only)."""
+
+    def __init__(self, config: MeterConfig):
+        super().__init__()
+        self.clip = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=config.vision_width, intermediate_size=config.vision_intermediate,
+            num_hidden_layers=config.vision_layers, num_attention_heads=config.vision_heads,
+            image_size=config.image_size, patch_size=config.patch_size, hidden_act="quick_gelu",
+            layer_norm_eps=config.vision_layer_norm_eps))
+        self.width = config.vision_width
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.clip(pixel_values=pixel_values).last_hidden_state
+        return self.clip.post_layernorm(hidden)
+
+
+class MeterTextTower(nn.Module):
+    """RoBERTa (or BERT) encoder without its pooler: METER runs the embeddings and the layers only."""
+
+    def __init__(self, config: MeterConfig):
+        super().__init__()
+        config_class, model_class = {"roberta": (RobertaConfig, RobertaModel),
+                                     "bert": (BertConfig, BertModel)}[config.text_kind]
+        self.encoder = model_class(config_class(
+            vocab_size=config.vocab_size, hidden_size=config.text_width,
+            num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+            intermediate_size=config.text_intermediate, layer_norm_eps=config.text_layer_norm_eps,
+            pad_token_id=config.pad_token_id, type_vocab_size=config.type_vocab_size,
+            max_position_embeddings=config.max_position_embeddings,
+            hidden_dropout_prob=config.text_dropout, attention_probs_dropout_prob=config.text_dropout),
+            add_pooling_layer=False)
+        self.width = config.text_width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Co-attention fusion
+
+class BertStyleAttention(nn.Module):
+    """Multi-head attention with a post-LayerNorm residual. Queries come from `hidden`; keys and values
+    from `context` (the same tensor for self-attention, the other modality for cross-attention)."""
+
+    def __init__(self, width: int, heads: int, dropout: float, eps: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"fusion width {width} is not a multiple of {heads} heads")
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.output = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = dropout
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, hidden, context, context_keep=None):
+        """context_keep: bool [N, Lc], True where a context token may be attended to (None: all)."""
+        mask = None if context_keep is None else context_keep[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            self._split_heads(self.query(hidden)), self._split_heads(self.key(context)),
+            self._split_heads(self.value(context)), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0)
+        attended = attended.transpose(1, 2).reshape(hidden.shape)
+        return self.norm(hidden + F.dropout(self.output(attended), self.dropout, self.training))
+
+
+class CoAttentionLayer(nn.Module):
+    """One side of a METER fusion layer (METER's BertCrossLayer): self-attention over its own tokens,
+    cross-attention to the other side, then a GELU feed-forward, each with a post-LN residual."""
+
+    def __init__(self, config: MeterConfig):
+        super().__init__()
+        width, heads = config.hidden_size, config.fusion_heads
+        dropout, eps = config.fusion_dropout, config.fusion_layer_norm_eps
+        self.self_attention = BertStyleAttention(width, heads, dropout, eps)
+        self.cross_attention = BertStyleAttention(width, heads, dropout, eps)
+        self.ffn_in = nn.Linear(width, config.fusion_intermediate)
+        self.ffn_out = nn.Linear(config.fusion_intermediate, width)
+        self.ffn_norm = nn.LayerNorm(width, eps=eps)
+        self.dropout = dropout
+
+    def forward(self, own, other, own_keep=None, other_keep=None):
+        own = self.self_attention(own, own, own_keep)
+        own = self.cross_attention(own, other, other_keep)
+        expanded = F.gelu(self.ffn_in(own))  # erf GELU, as BERT's "gelu"
+        return self.ffn_norm(own + F.dropout(self.ffn_out(expanded), self.dropout, self.training))
+
+
+class FirstTokenPooler(nn.Module):
+    """dense + tanh on the first token (METER's heads.Pooler)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(tokens[:, 0]))
+
+
+def _init_fusion_weights(module: nn.Module) -> None:
+    """METER's objectives.init_weights for the parts it trains from scratch: N(0, 0.02), zero bias."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The teacher
+
+class MeterTeacher(CrossEncoder):
+    """METER cross-encoder behind the project's CrossEncoder interface: forward(pixel_values,
+    input_ids, attention_mask, image_index=None, text_index=None) -> matching logits [N] for the pairs
+    (image_index[n], text_index[n]); each unique image and caption goes through its tower once."""
+
+    backend = BACKEND_NAME
+
+    def __init__(self, config: MeterConfig, tokenizer=None):
+        super().__init__(tokenizer, config.max_text_len, config.image_size, config.image_mean,
+                         config.image_std)
+        # Not `config`: trainers and DeepSpeed helpers read `model.config` as a Hugging Face config.
+        self.meter_config = config
+        self.image_tower = MeterImageTower(config)
+        self.text_tower = MeterTextTower(config)
+        self.image_to_fusion = nn.Linear(config.vision_width, config.hidden_size)
+        self.text_to_fusion = nn.Linear(config.text_width, config.hidden_size)
+        self.modality_embeddings = nn.Embedding(2, config.hidden_size)
+        self.text_fusion_layers = nn.ModuleList(
+            CoAttentionLayer(config) for _ in range(config.fusion_layers))
+        self.image_fusion_layers = nn.ModuleList(
+            CoAttentionLayer(config) for _ in range(config.fusion_layers))
+        self.text_pooler = FirstTokenPooler(config.hidden_size)
+        self.image_pooler = FirstTokenPooler(config.hidden_size)
+        # METER's pre-training ITM head (2 classes on [text_pooled, image_pooled]). For retrieval METER
+        # adds a 1-logit `rank_output` initialised from the ITM head's "match" row and freezes the ITM
+        # head; we do the same, so a pre-training or a retrieval checkpoint both load.
+        self.itm_head = nn.Linear(2 * config.hidden_size, 2)
+        self.rank_head = nn.Linear(2 * config.hidden_size, 1)
+        for part in (self.image_to_fusion, self.text_to_fusion, self.modality_embeddings,
+                     self.text_fusion_layers, self.image_fusion_layers, self.text_pooler,
+                     self.image_pooler, self.itm_head):
+            part.apply(_init_fusion_weights)
+        self.reset_rank_head_from_itm()
+        self.itm_head.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset_rank_head_from_itm(self) -> None:
+        self.rank_head.weight.copy_(self.itm_head.weight[1:])
+        self.rank_head.bias.copy_(self.itm_head.bias[1:])
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def preprocess_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N,3,H,W] -> float [N,3,S,S], S = config.image_size, CLIP-normalised. Bicubic with
+        antialiasing, like METER's CLIP transform (PIL bicubic)."""
+        pixels = images.float() / 255.0
+        size = self.meter_config.image_size
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False,
+                                   antialias=True).clamp_(0.0, 1.0)
+        mean = torch.tensor(self.image_mean, dtype=pixels.dtype, device=pixels.device)
+        std = torch.tensor(self.image_std, dtype=pixels.dtype, device=pixels.device)
+        return (pixels - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+    def tokenize(self, captions: list[str]) -> dict:
+        if self.tokenizer is None:
+            raise ValueError("this METER teacher has no tokenizer: build it with tokenizer_dir")
+        return super().tokenize(captions)
+
+    # -- compute -----------------------------------------------------------------------------------
+    def image_tokens_for_fusion(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[I, 1 + patches, hidden]: image tower, projection to the fusion width, image token type."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = self.preprocess_images(pixel_values)
+        tokens = self.image_to_fusion(self.image_tower(pixel_values))
+        return tokens + self.modality_embeddings.weight[IMAGE_TOKEN_TYPE]
+
+    def text_tokens_for_fusion(self, input_ids, attention_mask) -> torch.Tensor:
+        """[T, L, hidden]: text tower, projection to the fusion width, text token type."""
+        tokens = self.text_to_fusion(self.text_tower(input_ids, attention_mask))
+        return tokens + self.modality_embeddings.weight[TEXT_TOKEN_TYPE]
+
+    def fuse(self, image_tokens, text_tokens, text_keep) -> torch.Tensor:
+        """Aligned rows -> [N, 2*hidden] = [text_pooled, image_pooled] (METER's cls_feats order)."""
+        text, image = text_tokens, image_tokens
+        for text_layer, image_layer in zip(self.text_fusion_layers, self.image_fusion_layers):
+            # Both sides read the other side's states from the previous layer.
+            text, image = (text_layer(text, image, text_keep, None),
+                           image_layer(image, text, None, text_keep))
+        return torch.cat([self.text_pooler(text), self.image_pooler(image)], dim=-1)
+
+    def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
+        # Towers run once per unique image / caption; only the fusion runs per pair.
+        image_tokens = self.image_tokens_for_fusion(pixel_values)[image_index]
+        text_tokens = self.text_tokens_for_fusion(input_ids, attention_mask)[text_index]
+        text_keep = attention_mask.bool()[text_index]
+        return self.rank_head(self.fuse(image_tokens, text_tokens, text_keep))[:, 0]
+
+    def config_dict(self) -> dict:
+        return {"meter": asdict(self.meter_config)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The official METER checkpoint -> this backend
+#
+# Names confirmed in the public METER code (github.com/zdou0830/METER):
+# - meter/modules/meter_module.py, METERTransformerSS (the LightningModule whose `state_dict` the .ckpt
+#   holds, so keys carry no prefix): `vit_model` (CLIP from clip_model.build_model), `text_transformer`
+#   (HF RobertaModel/BertModel), `cross_modal_text_transform` / `cross_modal_image_transform`
+#   (nn.Linear to hidden_size), `token_type_embeddings` (nn.Embedding(2, hidden)),
+#   `cross_modal_image_layers.N` / `cross_modal_text_layers.N` (BertCrossLayer), `cross_modal_image_pooler`
+#   / `cross_modal_text_pooler` (heads.Pooler: `.dense`), `itm_score` (heads.ITMHead: `.fc`,
+#   Linear(2*hidden, 2)), `rank_output` (declared Linear(hidden, 1) but its weight is then replaced by
+#   `itm_score.fc.weight[1:]`, so the saved tensor is [1, 2*hidden]), `mlm_score` (pre-training only).
+#   infer(): text embeddings + encoder layers only (the RoBERTa pooler is never run); image tokens get
+#   token type 1, text 0; cls_feats = cat([text_pooled, image_pooled]); retrieval score
+#   (objectives.compute_irtr) = rank_output(cls_feats)[:, 0].
+# - meter/modules/bert_model.py, BertCrossLayer: `attention.self.{query,key,value}`,
+#   `attention.output.{dense,LayerNorm}`, `crossattention.self.{query,key,value}`,
+#   `crossattention.output.{dense,LayerNorm}`, `intermediate.dense`, `output.{dense,LayerNorm}`.
+# - meter/modules/clip_model.py, CLIP/VisualTransformer (OpenAI CLIP naming): `visual.conv1` (no bias),
+#   `visual.class_embedding`, `visual.positional_embedding`, `visual.ln_pre`,
+#   `visual.transformer.resblocks.N.{attn.in_proj_weight, attn.in_proj_bias, attn.out_proj, ln_1,
+#   mlp.c_fc, mlp.c_proj, ln_2}` (nn.MultiheadAttention packs q, k, v in in_proj), `visual.ln_post`
+#   (applied to all tokens). Transformer builds `layers - 1` resblocks. The CLIP class also keeps the
+#   text side's `token_embedding`, `positional_embedding` and `ln_final`, which METER never runs.
+
+_IMAGE = "image_tower.clip."
+_CLIP_BLOCK_PARTS = {  # OpenAI CLIP ResidualAttentionBlock -> HF CLIPEncoderLayer
+    "attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_CROSS_LAYER_PARTS = {  # METER BertCrossLayer -> CoAttentionLayer
+    "attention.self.query": "self_attention.query", "attention.self.key": "self_attention.key",
+    "attention.self.value": "self_attention.value", "attention.output.dense": "self_attention.output",
+    "attention.output.LayerNorm": "self_attention.norm",
+    "crossattention.self.query": "cross_attention.query",
+    "crossattention.self.key": "cross_attention.key",
+    "crossattention.self.value": "cross_attention.value",
+    "crossattention.output.dense": "cross_attention.output",
+    "crossattention.output.LayerNorm": "cross_attention.norm",
+    "intermediate.dense": "ffn_in", "output.dense": "ffn_out", "output.LayerNorm": "ffn_norm"}
+_MODULE_RENAMES = {  # whole METER modules (their .weight/.bias) -> this backend
+    "vit_model.visual.conv1": _IMAGE + "embeddings.patch_embedding",
+    "vit_model.visual.ln_pre": _IMAGE + "pre_layrnorm",
+    "vit_model.visual.ln_post": _IMAGE + "post_layernorm",
+    "cross_modal_text_transform": "text_to_fusion",
+    "cross_modal_image_transform": "image_to_fusion",
+    "token_type_embeddings": "modality_embeddings",
+    "cross_modal_text_pooler.dense": "text_pooler.dense",
+    "cross_modal_image_pooler.dense": "image_pooler.dense",
+    "itm_score.fc": "itm_head",
+    "rank_output": "rank_head"}
+_TENSOR_RENAMES = {
+    "vit_model.visual.class_embedding": _IMAGE + "embeddings.class_embedding",
+    "vit_model.visual.positional_embedding": _IMAGE + "embeddings.position_embedding.weight"}
+# Saved by METER but never used by its retrieval forward; dropped by name so anything else unknown
+# (another task's head, a different architecture) fails loudly instead of being ignored.
+_UNUSED_PREFIXES = (
+    "vit_model.token_embedding.", "vit_model.ln_final.",  # CLIP's text side, built but never run
+    "text_transformer.pooler.",  # infer() skips the text tower's pooler
+    "mlm_score.")  # pre-training masked-LM head
+_UNUSED_KEYS = (
+    "vit_model.positional_embedding",  # CLIP's text positions
+    "text_transformer.embeddings.position_ids")  # arange buffer transformers 4.x saved; recomputed
+
+
+def _split_module_key(key: str) -> tuple[str, str]:
+    module, _, leaf = key.rpartition(".")
+    return module, leaf
+
+
+def map_meter_state_dict(meter_state: dict) -> dict:
+    """METER names -> this backend's names. Splits CLIP's packed q/k/v projections, drops the tensors
+    METER saves but never uses (listed above), and derives `rank_head` from the ITM head's "match" row
+    when the checkpoint has no `rank_output` (a pre-training checkpoint), as METER does at fine-tuning.
+    Raises ValueError naming any key it does not know."""
+    mapped, unknown = {}, []
+    for key, tensor in meter_state.items():
+        if key in _UNUSED_KEYS or key.startswith(_UNUSED_PREFIXES):
+            continue
+        if key in _TENSOR_RENAMES:
+            mapped[_TENSOR_RENAMES[key]] = tensor
+            continue
+        if key.startswith("text_transformer."):
+            # METER's text tower is the Hugging Face model itself: the names are already HF's.
+            mapped["text_tower.encoder." + key[len("text_transformer."):]] = tensor
+            continue
+        module, leaf = _split_module_key(key)
+        if module in _MODULE_RENAMES:
+            mapped[f"{_MODULE_RENAMES[module]}.{leaf}"] = tensor
+            continue
+        parts = key.split(".")
+        if key.startswith("vit_model.visual.transformer.resblocks.") and len(parts) >= 7:
+            block, inner = parts[4], ".".join(parts[5:])
+            target = f"{_IMAGE}encoder.layers.{block}."
+            if inner in ("attn.in_proj_weight", "attn.in_proj_bias"):
+                kind = "weight" if inner.endswith("weight") else "bias"
+                # nn.MultiheadAttention stacks [q; k; v] along dim 0.
+                for name, chunk in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                    mapped[f"{target}self_attn.{name}.{kind}"] = chunk.clone()
+                continue
+            inner_module, inner_leaf = _split_module_key(inner)
+            if inner_module in _CLIP_BLOCK_PARTS:
+                mapped[f"{target}{_CLIP_BLOCK_PARTS[inner_module]}.{inner_leaf}"] = tensor
+                continue
+        for side in ("text", "image"):
+            prefix = f"cross_modal_{side}_layers."
+            if key.startswith(prefix) and len(parts) >= 4:
+                index, inner_module = parts[1], ".".join(parts[2:-1])
+                if inner_module in _CROSS_LAYER_PARTS:
+                    mapped[f"{side}_fusion_layers.{index}.{_CROSS_LAYER_PARTS[inner_module]}."
+                           f"{parts[-1]}"] = tensor
+                    break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"not a METER retrieval/pre-training state dict: {len(unknown)} unknown keys, "
+                         f"e.g. {unknown[:5]}")
+    if "rank_head.weight" not in mapped and "itm_head.weight" in mapped:
+        mapped["rank_head.weight"] = mapped["itm_head.weight"][1:].clone()
+        mapped["rank_head.bias"] = mapped["itm_head.bias"][1:].clone()
+    return mapped
+
+
+def load_meter_checkpoint(path) -> dict:
+    """Read an official METER .ckpt (PyTorch Lightning: {"state_dict": ..., ...}; a bare state dict
+    works too) with torch.load(weights_only=True) and return it in this backend's names."""
+    import pickle
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused it (it pickles more than "
+                         f"tensors and plain containers; re-save only its state_dict): {first_line}"
+                         ) from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: no state_dict of tensors in this checkpoint")
+    return map_meter_state_dict(state)
+
+
+def meter_config_from_state_dict(mapped: dict, base: MeterConfig | None = None) -> MeterConfig:
+    """Sizes read from a mapped METER state dict (image size and patch from the position table and the
+    patch convolution, layer counts, widths, vocabulary). Head counts cannot be read from weights: the
+    base preset's are kept where the width matches it, else width // 64 (CLIP's and BERT's rule)."""
+    base = base or meter_clip16_roberta_config()
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in mapped if k.startswith(prefix)})
+
+    def heads(width: int, base_width: int, base_heads: int) -> int:
+        return base_heads if width == base_width else max(1, width // 64)
+
+    patch = mapped[_IMAGE + "embeddings.patch_embedding.weight"]
+    positions = mapped[_IMAGE + "embeddings.position_embedding.weight"].shape[0]
+    grid = math.isqrt(positions - 1)
+    vision_width, patch_size = patch.shape[0], patch.shape[-1]
+    text = "text_tower.encoder."
+    text_width = mapped[text + "embeddings.word_embeddings.weight"].shape[1]
+    type_vocab = mapped[text + "embeddings.token_type_embeddings.weight"].shape[0]
+    hidden = mapped["text_to_fusion.weight"].shape[0]
+    return MeterConfig(**{
+        **asdict(base),
+        "image_size": grid * patch_size, "patch_size": patch_size, "vision_width": vision_width,
+        "vision_layers": count(_IMAGE + "encoder.layers."),
+        "vision_heads": heads(vision_width, base.vision_width, base.vision_heads),
+        "vision_intermediate": mapped[_IMAGE + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        # RoBERTa has a single token type, BERT two: the only difference the weights show.
+        "text_kind": "roberta" if type_vocab == 1 else "bert",
+        "pad_token_id": 1 if type_vocab == 1 else 0, "type_vocab_size": type_vocab,
+        "vocab_size": mapped[text + "embeddings.word_embeddings.weight"].shape[0],
+        "text_width": text_width, "text_layers": count(text + "encoder.layer."),
+        "text_heads": heads(text_width, base.text_width, base.text_heads),
+        "text_intermediate": mapped[text + "encoder.layer.0.intermediate.dense.weight"].shape[0],
+        "max_position_embeddings": mapped[text + "embeddings.position_embeddings.weight"].shape[0],
+        "hidden_size": hidden, "fusion_layers": count("text_fusion_layers."),
+        "fusion_heads": heads(hidden, base.hidden_size, base.fusion_heads),
+        "fusion_intermediate": mapped["text_fusion_layers.0.ffn_in.weight"].shape[0]})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building
+
+def _check_tokenizer_fits(tokenizer, config: MeterConfig, what: str) -> None:
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{what}: tokenizer has {len(tokenizer)} tokens, the text tower "
+                         f"{config.vocab_size}")
+
+
+def build_meter_teacher(spec_or_folder, tokenizer_dir=None, checkpoint=None) -> MeterTeacher:
+    """`meter-tiny` (needs tokenizer_dir: the data tokenizer sets its vocabulary), `meter-clip16-roberta`
+    (give tokenizer_dir = a local roberta-base tokenizer folder), a folder written by save_pretrained,
+    or an official METER `.ckpt` file (sizes read from its weights; tokenizer_dir = its tokenizer).
+    `checkpoint`: an official METER .ckpt loaded into the preset (strictly: no missing/unknown keys)."""
+    spec = str(spec_or_folder)
+    path = Path(spec)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    mapped = load_meter_checkpoint(checkpoint) if checkpoint is not None else None
+
+    if path.is_dir():
+        saved = json.loads((path / "config.json").read_text())
+        if saved.get("backend") != BACKEND_NAME:
+            raise ValueError(f"{spec}: config.json backend is {saved.get('backend')!r}, not 'meter'")
+        config = MeterConfig.from_dict(saved["meter"])
+        if tokenizer is None and (path / "tokenizer").is_dir():
+            tokenizer = load_tokenizer(path / "tokenizer")
+        from safetensors.torch import load_file
+        weights = load_file(str(path / "model.safetensors"))
+        if mapped is not None:
+            raise ValueError(f"{spec}: a saved folder already has its weights; no checkpoint=")
+        mapped = weights
+    elif path.suffix == ".ckpt" and path.is_file():
+        if mapped is not None:
+            raise ValueError(f"{spec}: give the .ckpt as the spec or as checkpoint=, not both")
+        mapped = load_meter_checkpoint(path)
+        config = meter_config_from_state_dict(mapped)
+    elif spec == "meter-tiny":
+        if tokenizer is None:
+            raise ValueError("meter-tiny needs tokenizer_dir (the data tokenizer sets its vocabulary)")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        config = meter_tiny_config(vocab_size=len(tokenizer), pad_token_id=pad)
+    elif spec == "meter-clip16-roberta":
+        config = meter_clip16_roberta_config()
+    else:
+        raise ValueError(f"unknown METER teacher spec: {spec}")
+
+    _check_tokenizer_fits(tokenizer, config, spec)
+    teacher = MeterTeacher(config, tokenizer=tokenizer)
+    if mapped is not None:
+        teacher.load_state_dict(mapped, strict=True)
+    return teacher
