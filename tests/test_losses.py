@@ -1,0 +1,154 @@
+"""Hand-computed values of the pure DCD losses and weights on tiny tensors."""
+import math
+
+import pytest
+import torch
+
+from train.distill.losses import (WSL_EPS, dynamic_weights, hard_negative_ce_per_sample, info_nce,
+                                  kd_loss_per_sample, multi_positive_cross_entropy_per_sample,
+                                  normalize_weights)
+
+LN3 = math.log(3.0)
+
+
+def test_entropy_weights_by_hand():
+    # softmax([0, 0]) = [1/2, 1/2] -> ln 2; softmax([ln 3, 0]) = [3/4, 1/4].
+    teacher = torch.tensor([[0.0, 0.0], [LN3, 0.0]])
+    expected = [math.log(2.0), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
+    got = dynamic_weights(teacher, torch.zeros(2, 2), "entropy")
+    assert got.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_wsl_weights_by_hand():
+    # teacher softmax [3/4, 1/4]: CE_t = ln(4/3); student uniform: CE_s = ln 2.
+    teacher = torch.tensor([[LN3, 0.0]])
+    student = torch.tensor([[0.0, 0.0]])
+    expected = 1.0 - math.exp(-math.log(2.0) / math.log(4.0 / 3.0))
+    assert dynamic_weights(teacher, student, "wsl").item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_wsl_guard_when_teacher_is_certain():
+    # CE_t = 0 exactly (float32 softmax saturates): clamped to WSL_EPS, no nan / inf.
+    certain_teacher = torch.tensor([[100.0, -100.0], [100.0, -100.0]])
+    student = torch.tensor([[100.0, -100.0],    # also certain and right: nothing to learn -> 0
+                            [-5.0, 5.0]])       # wrong while the teacher is certain -> 1
+    w = dynamic_weights(certain_teacher, student, "wsl")
+    assert torch.isfinite(w).all()
+    assert w.tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+    assert WSL_EPS > 0
+
+
+def test_none_weights_are_ones():
+    assert dynamic_weights(torch.randn(3, 4), torch.randn(3, 4), "none").tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("scheme", ["entropy", "wsl", "none"])
+def test_weights_carry_no_gradient(scheme):
+    teacher = torch.randn(3, 4, requires_grad=True)
+    student = torch.randn(3, 4, requires_grad=True)
+    w = dynamic_weights(teacher, student, scheme)
+    assert not w.requires_grad
+    normalized = normalize_weights(w, w.sum(), 3)
+    assert not normalized.requires_grad
+
+
+def test_unknown_scheme_raises():
+    with pytest.raises(ValueError):
+        dynamic_weights(torch.zeros(1, 2), torch.zeros(1, 2), "focal")
+
+
+def test_kd_kl_by_hand():
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[LN3, 0.0]])
+    # KL([3/4, 1/4] || [1/2, 1/2]) = 3/4 ln(3/2) + 1/4 ln(1/2)
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert kd_loss_per_sample(student, teacher, 1.0, "kl").item() == pytest.approx(expected, abs=1e-6)
+    # T = 2: teacher softmax([ln3 / 2, 0]) = [sqrt3, 1] / (sqrt3 + 1); times T^2 = 4.
+    p = math.sqrt(3.0) / (math.sqrt(3.0) + 1.0)
+    expected_t2 = 4.0 * (p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p)))
+    assert kd_loss_per_sample(student, teacher, 2.0, "kl").item() == pytest.approx(expected_t2, abs=1e-6)
+
+
+def test_kd_kl_is_zero_when_student_matches_teacher_and_per_row():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 5.0]])
+    assert kd_loss_per_sample(logits, logits + 7.0, 1.0, "kl").tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def test_kd_mse_by_hand():
+    student = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    teacher = torch.tensor([[0.0, 4.0], [3.0, 0.0]])
+    # row 0: (1 + 4) / 2; row 1: 9 / 2
+    assert kd_loss_per_sample(student, teacher, 4.0, "mse").tolist() == pytest.approx([2.5, 4.5])
+
+
+def test_kd_gradient_reaches_student_only():
+    student = torch.randn(2, 3, requires_grad=True)
+    teacher = torch.randn(2, 3, requires_grad=True)
+    kd_loss_per_sample(student, teacher, 2.0, "kl").sum().backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+def test_hard_negative_ce_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    expected = [math.log(math.exp(2) + 2) - 2, math.log(1 + 2 * math.e)]
+    assert hard_negative_ce_per_sample(logits).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_multi_positive_ce_by_hand():
+    # Pool of 3 captions: captions 0 and 1 show image A, caption 2 image B.
+    logits = torch.tensor([[1.0, 1.0, 0.0]])
+    positives = torch.tensor([[True, True, False]])
+    # -log((e + e) / (e + e + 1))
+    expected = math.log((2 * math.e + 1) / (2 * math.e))
+    got = multi_positive_cross_entropy_per_sample(logits, positives).item()
+    assert got == pytest.approx(expected, abs=1e-6)
+    # With a single positive it is the ordinary cross-entropy.
+    single = torch.tensor([[True, False, False]])
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor([0])).item()
+    assert multi_positive_cross_entropy_per_sample(logits, single).item() == pytest.approx(ce, abs=1e-6)
+
+
+def test_other_positives_are_never_negatives():
+    # Raising the logit of another caption of the same image must not increase the loss
+    # (it would if it sat among the negatives); raising a negative's logit must increase it.
+    logits = torch.tensor([[1.0, 0.5, 0.2, -0.3]], requires_grad=True)
+    positives = torch.tensor([[True, True, False, False]])
+    multi_positive_cross_entropy_per_sample(logits, positives).sum().backward()
+    grad = logits.grad[0]
+    assert (grad[:2] <= 0).all() and (grad[2:] > 0).all()
+
+
+def test_info_nce_several_captions_per_image():
+    # Two local images (ids 7, 8); pool of 3 captions with image ids [7, 7, 8].
+    # Two local captions (ids 7, 8); pool of 2 images [7, 8].
+    logits_i2t = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]])
+    mask_i2t = torch.tensor([[True, True, False], [False, False, True]])
+    logits_t2i = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    mask_t2i = torch.tensor([[True, False], [False, True]])
+    e = math.exp
+    i2t = [-math.log((e(2) + e(1)) / (e(2) + e(1) + e(0))), -math.log(e(3) / (e(0) + e(1) + e(3)))]
+    t2i = [-math.log(e(1) / (e(1) + e(0))), math.log(2.0)]
+    expected = 0.5 * (sum(i2t) / 2 + sum(t2i) / 2)
+    assert info_nce(logits_i2t, logits_t2i, mask_i2t, mask_t2i).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_normalize_weights_to_global_mean_one():
+    # Two "ranks" with raw weights [1, 3] and [2, 4]: global sum 10, count 4, mean 2.5.
+    rank0, rank1 = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0])
+    global_sum = rank0.sum() + rank1.sum()
+    w0 = normalize_weights(rank0, global_sum, 4)
+    w1 = normalize_weights(rank1, global_sum, 4)
+    assert w0.tolist() == pytest.approx([0.4, 1.2])
+    assert torch.cat([w0, w1]).mean().item() == pytest.approx(1.0)
+
+
+def test_normalize_all_zero_weights_falls_back_to_ones():
+    w = normalize_weights(torch.zeros(3), torch.tensor(0.0), torch.tensor(6.0))
+    assert w.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_half_precision_logits_are_computed_in_float32():
+    logits = torch.tensor([[2.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    out = hard_negative_ce_per_sample(logits)
+    assert out.dtype == torch.float32
+    assert out.item() == pytest.approx(math.log(math.exp(2) + 2) - 2, abs=1e-6)

@@ -1,0 +1,152 @@
+"""Pure loss and weighting functions of DCD: InfoNCE, KD (kl | mse), hard-negative CE, dynamic weights.
+
+No collectives in here: where a quantity must be global (the mean of the weights over the global
+batch), the caller all-reduces and passes the result in. Per-sample functions return [Q] so that the
+caller can weight samples and choose the reduction. Losses are computed in at least float32 whatever
+the dtype of the logits (bf16 / fp16 log-softmax over a pool loses too much precision); float64
+stays float64.
+
+Candidate-set convention: ``[Q, C]`` logits over a candidate set have the positive at column 0 and
+the C - 1 hard negatives after it, for teacher and student alike (see ``negatives.candidate_set_logits``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WEIGHTING_SCHEMES = ("entropy", "wsl", "none")
+KD_KINDS = ("kl", "mse")
+
+# Guard for CE_t -> 0 in the wsl weight (a teacher certain of the positive). With CE_t clamped to
+# 1e-6, a student that is also right (CE_s ~ 0) gets w ~ 0 (nothing left to learn from that sample)
+# and a student that is wrong gets w = 1 (the largest weight), which is the limit of the formula.
+WSL_EPS = 1e-6
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def multi_positive_cross_entropy_per_sample(logits: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """-log(sum over positives of softmax(logits)) per row.
+
+    Args:
+        logits: [Q, G] a query against every key of the pool.
+        positive_mask: [Q, G] bool, True where the key is a positive of the query (every caption of
+            the query's image, every copy of the caption's image). Each row needs at least one.
+    Returns:
+        [Q] losses.
+
+    Why this multi-positive form rather than the mean of -log softmax over positives (SupCon's
+    "out" form): here positives only sum in the numerator, so a positive never pushes another
+    positive away, which is what "captions of the same image are positives, never negatives" asks.
+    With one positive per row it is the ordinary cross-entropy.
+    """
+    logits = _at_least_float32(logits)
+    positive_logits = logits.masked_fill(~positive_mask, float("-inf"))
+    return torch.logsumexp(logits, dim=1) - torch.logsumexp(positive_logits, dim=1)
+
+
+def info_nce(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor,
+             positive_mask_i2t: torch.Tensor, positive_mask_t2i: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the pool, averaged over this rank's queries and the two directions.
+
+    Args:
+        logits_i2t: [B, G] local images against the caption pool.
+        logits_t2i: [B, G] local captions against the image pool.
+        positive_mask_i2t, positive_mask_t2i: [B, G] bool, True where image ids match.
+    Returns:
+        scalar: 0.5 * (mean_i CE_i2t,i + mean_i CE_t2i,i) (a local mean: see dcd.py for why the
+        ranks' local means give the global gradient).
+    """
+    loss_i2t = multi_positive_cross_entropy_per_sample(logits_i2t, positive_mask_i2t).mean()
+    loss_t2i = multi_positive_cross_entropy_per_sample(logits_t2i, positive_mask_t2i).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+def kd_loss_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                       temperature: float = 1.0, kind: str = "kl") -> torch.Tensor:
+    """Distillation loss per query over its candidate set.
+
+    Args:
+        student_logits: [Q, C] student logits (scale * cos), positive at column 0.
+        teacher_logits: [Q, C] teacher matching logits at the same columns (no gradient taken).
+        temperature: T of the softened distributions (``kl`` only).
+        kind: ``"kl"``: T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) (the T^2 keeps the gradient
+            scale independent of T, as in Hinton et al.); ``"mse"``: mean over the C columns of
+            (z_s - z_t)^2 (the published code's logit MSE).
+    Returns:
+        [Q] losses.
+    """
+    student_logits = _at_least_float32(student_logits)
+    teacher_logits = _at_least_float32(teacher_logits.detach())
+    if kind == "kl":
+        log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+        log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+        kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+        return temperature ** 2 * kl
+    if kind == "mse":
+        return (student_logits - teacher_logits).pow(2).mean(dim=1)
+    raise ValueError(f"unknown kd loss {kind!r} (one of {KD_KINDS})")
+
+
+def hard_negative_ce_per_sample(student_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the candidate set with the positive (column 0) as target.
+
+    Args:
+        student_logits: [Q, C], positive at column 0.
+    Returns:
+        [Q] losses.
+    """
+    student_logits = _at_least_float32(student_logits)
+    return torch.logsumexp(student_logits, dim=1) - student_logits[:, 0]
+
+
+@torch.no_grad()
+def dynamic_weights(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                    scheme: str = "entropy") -> torch.Tensor:
+    """Raw per-sample weights, without gradient (normalise them with ``normalize_weights``).
+
+    Args:
+        teacher_logits: [Q, C], positive at column 0.
+        student_logits: [Q, C], positive at column 0.
+        scheme: ``"entropy"``: H(softmax(z_t)) per row (nats): samples the teacher finds ambiguous
+            weigh more (the published code); ``"wsl"``: 1 - exp(-CE_s / CE_t) with
+            CE = -log softmax(z)[0], CE_t clamped to ``WSL_EPS``: large where the student is far
+            behind a confident teacher, small where the student already does as well as the teacher
+            (weighted soft labels); ``"none"``: ones (the ablation).
+    Returns:
+        [Q] weights (float32, or float64 for float64 logits), detached.
+    """
+    teacher_logits = _at_least_float32(teacher_logits.detach())
+    student_logits = _at_least_float32(student_logits.detach())
+    if scheme == "entropy":
+        log_p = F.log_softmax(teacher_logits, dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1)
+    if scheme == "wsl":
+        ce_student = -F.log_softmax(student_logits, dim=1)[:, 0]
+        ce_teacher = -F.log_softmax(teacher_logits, dim=1)[:, 0]
+        return 1.0 - torch.exp(-ce_student / ce_teacher.clamp_min(WSL_EPS))
+    if scheme == "none":
+        return torch.ones(teacher_logits.shape[0], dtype=teacher_logits.dtype, device=teacher_logits.device)
+    raise ValueError(f"unknown weighting {scheme!r} (one of {WEIGHTING_SCHEMES})")
+
+
+@torch.no_grad()
+def normalize_weights(raw: torch.Tensor, global_sum: torch.Tensor, global_count) -> torch.Tensor:
+    """Scale raw weights so that their mean over the GLOBAL batch is 1.
+
+    Args:
+        raw: [Q] this rank's raw weights.
+        global_sum: scalar, sum of the raw weights over every rank (the caller all-reduces it).
+        global_count: scalar, number of weights over every rank.
+    Returns:
+        [Q] raw * count / sum. When the global sum is 0 (every raw weight 0, e.g. a one-hot teacher
+        under ``entropy``), the weights carry no information: returns ones so that the step still
+        trains on its KD and hard terms instead of silently switching them off.
+    """
+    raw = _at_least_float32(raw)
+    global_sum = torch.as_tensor(global_sum, dtype=raw.dtype, device=raw.device)
+    global_count = torch.as_tensor(global_count, dtype=raw.dtype, device=raw.device)
+    mean = global_sum / global_count.clamp_min(1.0)
+    return torch.where(mean > 0, raw / mean.clamp_min(torch.finfo(raw.dtype).tiny), torch.ones_like(raw))
