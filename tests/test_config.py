@@ -1,0 +1,99 @@
+"""Config: defaults < file < flags, stage defaults, one-line errors; DeepSpeed config checks."""
+import json
+
+import pytest
+
+from train.config import ConfigError, load_run_config, parse_config
+from train.engine import lr_multiplier, read_ds_config, teacher_ds_config
+
+
+def test_flags_override_file_and_defaults(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"distill": {"alpha": 0.5, "candidates": 32}, "steps": 7}))
+    cfg = parse_config(["--config", str(cfg_file), "--alpha", "0.3"])
+    assert cfg.distill.alpha == 0.3          # flag beats file
+    assert cfg.distill.candidates == 32      # file beats default
+    assert cfg.train.steps == 7              # flat names work in files too
+    assert cfg.distill.hard_negatives == 7   # default
+
+
+def test_stage_defaults_and_world_dependent_teacher_zero():
+    teacher = parse_config(["--stage", "teacher"], world_size=2)
+    assert teacher.data.twins_in_batch is True and teacher.train.lr == 1e-3
+    assert teacher.train.out == "runs/default/teacher"
+    distill = parse_config([], world_size=2)
+    assert distill.train.stage == "distill" and distill.model.teacher_zero == 3
+    assert distill.model.teacher == "runs/default/teacher/teacher"
+    assert distill.train.warmup_steps == distill.train.steps // 10
+    assert parse_config([], world_size=1).model.teacher_zero == 0
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_config(["--weighting", "wsl", "--kd-loss", "mse", "--batch-size", "16"])
+    cfg.save(tmp_path / "config.json")
+    again = load_run_config(tmp_path / "config.json")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--weighting", "soft"], "distill.weighting"),
+    (["--teacher-zero", "2"], "model.teacher_zero"),
+    (["--hard-negatives", "20"], "distill.hard_negatives"),
+    (["--directions", "i2x"], "distill.directions"),
+])
+def test_bad_values_name_the_field(argv, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(argv)
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_config_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
+        parse_config(["--config", str(bad)])
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"alpah": 1}))
+    with pytest.raises(ConfigError, match="unknown config field 'alpah'"):
+        parse_config(["--config", str(unknown)])
+
+
+def _write(tmp_path, obj, name="ds.json"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def test_ds_config_checks(tmp_path):
+    ok = read_ds_config(_write(tmp_path, {"train_micro_batch_size_per_gpu": 8}), world_size=2)
+    assert ok["train_batch_size"] == 16
+    assert read_ds_config(_write(tmp_path, {"train_batch_size": 32}), world_size=2)[
+        "train_micro_batch_size_per_gpu"] == 16
+    assert read_ds_config(_write(tmp_path, {"train_micro_batch_size_per_gpu": 8}), 2, micro_batch=4)[
+        "train_batch_size"] == 8
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        read_ds_config(_write(tmp_path, "{"))
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        read_ds_config(_write(tmp_path, {"train_micro_batch_size_per_gpu": 8,
+                                         "zero_optimization": {"stage": 4}}))
+    with pytest.raises(ConfigError, match="train_batch_size.*not divisible"):
+        read_ds_config(_write(tmp_path, {"train_batch_size": 33}), world_size=2)
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        read_ds_config(_write(tmp_path, {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 8}), 2)
+    with pytest.raises(ConfigError, match="not found"):
+        read_ds_config(tmp_path / "missing.json")
+
+
+def test_shipped_ds_configs_are_valid():
+    for name in ("zero2", "zero3", "zero3_offload"):
+        ds = read_ds_config(f"ds_configs/{name}.json", world_size=2, micro_batch=4)
+        teacher = teacher_ds_config(ds, 3)
+        assert teacher["zero_optimization"]["stage"] == 3 and "optimizer" not in teacher
+
+
+def test_lr_schedule_warms_up_then_decays():
+    values = [lr_multiplier(s, 10, 100, "cosine") for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[-1] < 0.01
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert lr_multiplier(55, 10, 100, "linear") == pytest.approx(0.5)

@@ -1,0 +1,133 @@
+"""The default pipeline that ./launch.sh runs: every step a command a user could type, skipped when done.
+
+    shards -> teacher fine-tune -> contrastive baseline -> DCD student -> evaluate -> benchmark -> results
+
+Each step's output is its completion mark (a manifest, an exported model folder, an evaluation JSON),
+so a killed pipeline picks up where it stopped; `--fresh` redoes everything. Step wall times go into
+`{run}/results.json` beside the metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools.report import write_results  # noqa: E402
+
+# Sizes of the default pipeline, chosen by measurement on a 2-core CPU to fit 15 minutes (README).
+FULL = dict(train_images=20000, val_images=1000, test_images=1000, teacher_steps=1000,
+            student_steps=600, distill_steps=600, eval_images=200, bench_images="100,300,1000",
+            teacher_budget_s=60, shards="shards/synthetic")
+# --fast: the same steps on tiny sizes, for CI and a quick look (a few minutes).
+FAST = dict(train_images=800, val_images=100, test_images=100, teacher_steps=30,
+            student_steps=30, distill_steps=30, eval_images=50, bench_images="20,50",
+            teacher_budget_s=10, shards="shards/synthetic-fast")
+
+
+class Pipeline:
+    def __init__(self, run: Path, launcher: list[str], fresh: bool, sizes: dict):
+        self.run, self.launcher, self.fresh, self.sizes = run, launcher, fresh, sizes
+        self.times: dict[str, float] = {}
+        self.python = sys.executable
+
+    def step(self, name: str, done_mark: Path, commands: list[list[str]]) -> None:
+        if done_mark.exists() and not self.fresh:
+            print(f"[pipeline] {name}: already done ({done_mark}), skipped", flush=True)
+            return
+        print(f"[pipeline] {name}", flush=True)
+        start = time.perf_counter()
+        for command in commands:
+            print("  $ " + " ".join(shlex.quote(c) for c in command), flush=True)
+            result = subprocess.run(command, cwd=REPO)
+            if result.returncode != 0:
+                sys.exit(f"[pipeline] {name} failed (exit {result.returncode}); fix and rerun "
+                         "./launch.sh: finished steps are kept")
+        self.times[name] = round(time.perf_counter() - start, 1)
+        print(f"[pipeline] {name}: {self.times[name]:.0f} s", flush=True)
+
+    def train(self, stage: str, out: Path, steps: int, *extra: str) -> list[str]:
+        s = self.sizes
+        return [*self.launcher, "train/run.py", "--stage", stage, "--shards", s["shards"],
+                "--out", str(out), "--steps", str(steps), "--eval-images", str(s["eval_images"]),
+                "--eval-every", str(max(steps // 2, 1)), "--save-every", str(max(steps // 2, 1)),
+                *extra]
+
+    def evaluate(self, mode: str, student: Path, teacher: Path | None, out_json: Path,
+                 *extra: str) -> list[str]:
+        command = [self.python, "tools/evaluate.py", "--shards", self.sizes["shards"], "--split",
+                   "test", "--student", str(student), "--mode", mode, "--json-out", str(out_json),
+                   *extra]
+        if teacher is not None:
+            command += ["--teacher", str(teacher)]
+        return command
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/default", help="run folder for every step's output")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--launcher", default="deepspeed --num_gpus 2",
+                        help="command that starts the training ranks")
+    parser.add_argument("--fresh", action="store_true", help="redo steps that are already done")
+    parser.add_argument("--fast", action="store_true", help="tiny sizes (CI)")
+    args = parser.parse_args(argv)
+
+    sizes = FAST if args.fast else FULL
+    run = Path(args.run)
+    if args.fresh and run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    p = Pipeline(run, shlex.split(args.launcher), args.fresh, sizes)
+    shards = Path(sizes["shards"])
+    started = time.perf_counter()
+
+    if args.fresh and shards.exists():
+        shutil.rmtree(shards)
+    p.step("shards", shards / "test.json", [[
+        p.python, "tools/make_shards.py", "--source", "synthetic", "--out", str(shards),
+        "--train-images", str(sizes["train_images"]), "--val-images", str(sizes["val_images"]),
+        "--test-images", str(sizes["test_images"])]])
+
+    teacher = run / "teacher" / "teacher"
+    p.step("teacher", teacher / "config.json",
+           [p.train("teacher", run / "teacher", sizes["teacher_steps"])])
+    baseline = run / "baseline" / "student"
+    p.step("baseline", baseline / "config.json",
+           [p.train("student", run / "baseline", sizes["student_steps"])])
+    dcd = run / "dcd" / "student"
+    p.step("dcd", dcd / "config.json",
+           [p.train("distill", run / "dcd", sizes["distill_steps"], "--teacher", str(teacher))])
+
+    evals = run / "eval"
+    evals.mkdir(exist_ok=True)
+    p.step("evaluate", evals / "rerank.json", [
+        p.evaluate("student", baseline, None, evals / "baseline.json"),
+        p.evaluate("student", dcd, None, evals / "dcd.json"),
+        p.evaluate("teacher", dcd, teacher, evals / "teacher.json",
+                   "--max-images", str(sizes["eval_images"])),
+        p.evaluate("rerank", dcd, teacher, evals / "rerank.json", "--rerank-k", "16"),
+    ])
+    bench = run / "benchmark"
+    p.step("benchmark", bench / "retrieval.json", [[
+        p.python, "tools/benchmark.py", "retrieval", "--student", str(dcd), "--teacher", str(teacher),
+        "--shards", sizes["shards"], "--split", "test", "--images", sizes["bench_images"],
+        "--teacher-budget-s", str(sizes["teacher_budget_s"]), "--out", str(bench)]])
+
+    p.times["total"] = round(time.perf_counter() - started, 1)
+    table = write_results(run, p.times)
+    print(table)
+    print(f"[pipeline] results: {run / 'results.md'} and {run / 'results.json'}")
+    print("[pipeline] watch: tensorboard --logdir runs --host 127.0.0.1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
