@@ -13,7 +13,7 @@ from torch import nn
 from train.models import meter
 from train.models.meter import (MeterTeacher, build_meter_teacher, load_meter_checkpoint,
                                 map_meter_state_dict, meter_clip16_roberta_config,
-                                meter_config_from_state_dict)
+                                meter_config_from_state_dict, meter_student_from_teacher)
 
 WORDS = ("a red blue green small large circle square triangle left right of the above below "
          "and next to is on in picture image").split()
@@ -277,16 +277,18 @@ def test_official_checkpoint_loads_strictly_and_matches_reference(tiny_teacher, 
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
     # The same checkpoint through the builder entry point.
-    built = build_meter_teacher("meter-tiny", tokenizer_dir, checkpoint=path).eval()
+    built = build_meter_teacher(f"meter-tiny:{path}", tokenizer_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(built(pixels, **tokens), expected, rtol=1e-4, atol=1e-5)
 
-    # Sizes read back from the weights (head counts aside, which weights cannot show).
-    inferred = meter_config_from_state_dict(load_meter_checkpoint(path))
+    # Sizes read back from the weights; head counts and the padding id, which weights cannot show,
+    # come from the base preset.
     tiny = tiny_teacher.meter_config
+    inferred = meter_config_from_state_dict(load_meter_checkpoint(path), base=tiny)
     for name in ("image_size", "patch_size", "vision_width", "vision_layers", "text_width",
                  "text_layers", "vocab_size", "hidden_size", "fusion_layers", "fusion_intermediate",
-                 "max_position_embeddings", "text_kind"):
+                 "max_position_embeddings", "text_kind", "pad_token_id", "vision_heads",
+                 "fusion_heads"):
         assert getattr(inferred, name) == getattr(tiny, name), name
 
 
@@ -385,3 +387,40 @@ def test_published_configuration():
     assert (config.hidden_size, config.fusion_layers, config.fusion_heads) == (768, 6, 12)
     with pytest.raises(ValueError, match="unknown METER teacher spec"):
         build_meter_teacher("meter-huge")
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        build_meter_teacher("meter-clip16-roberta:/nonexistent/meter.ckpt")
+
+
+def test_student_from_teacher_embeds_once_and_round_trips(tiny_teacher, tmp_path):
+    from train.models.student import DualEncoder
+    student = meter_student_from_teacher(tiny_teacher, embed_dim=32).eval()
+    assert isinstance(student, DualEncoder)
+    assert not any("fusion" in name for name, _ in student.named_parameters())
+    pixels = student.preprocess_images(images(3))
+    tokens = student.tokenize(CAPTIONS[:3])
+    with torch.no_grad():
+        image_emb, text_emb = student(pixels, tokens["input_ids"], tokens["attention_mask"])
+        # The towers are the teacher's: same features before the new projections.
+        torch.testing.assert_close(student.image_tower(pixels), tiny_teacher.image_tower(pixels)[:, 0])
+        torch.testing.assert_close(student.text_tower(**tokens),
+                                   tiny_teacher.text_tower(**tokens)[:, 0])
+    assert image_emb.shape == (3, 32) and text_emb.shape == (3, 32)
+    torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(3))
+    # A gallery is embedded once; scoring is one matrix product.
+    assert (text_emb @ image_emb.T).shape == (3, 3)
+
+    student.save_pretrained(tmp_path / "student")
+    loaded = DualEncoder.from_pretrained(tmp_path / "student").eval()
+    with torch.no_grad():
+        reloaded = loaded(loaded.preprocess_images(images(3)), **loaded.tokenize(CAPTIONS[:3]))
+    assert torch.equal(reloaded[0], image_emb) and torch.equal(reloaded[1], text_emb)
+
+
+def test_project_presets_route_to_meter(tokenizer_dir, tiny_teacher, tmp_path):
+    from train.models.presets import build_student, build_teacher
+    teacher = build_teacher("meter-tiny", tokenizer_dir)
+    assert isinstance(teacher, MeterTeacher) and teacher.backend == "meter"
+    tiny_teacher.save_pretrained(tmp_path / "saved")
+    assert isinstance(build_teacher(str(tmp_path / "saved"), tokenizer_dir), MeterTeacher)
+    student = build_student("from-teacher", teacher=teacher)
+    assert student.cfg["image_tower"]["kind"] == "meter_image"

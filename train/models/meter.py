@@ -16,6 +16,8 @@ has backend "meter"). Public entry points:
     load_meter_checkpoint(path) -> state dict in this backend's names
     map_meter_state_dict(meter_state_dict) -> state dict in this backend's names
     meter_student_from_teacher(teacher, embed_dim=256) -> DualEncoder (the teacher's towers, no fusion)
+It also registers the student tower kinds `meter_image` and `meter_text` (student.py imports this
+module lazily for kinds starting with "meter").
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from torch import nn
 from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, RobertaConfig,
                           RobertaModel)
 
+from train.models.student import DualEncoder, build_tower, register_tower
 from train.models.teacher import CrossEncoder, load_tokenizer
 
 BACKEND_NAME = "meter"
@@ -494,15 +497,20 @@ def meter_config_from_state_dict(mapped: dict, base: MeterConfig | None = None) 
     text_width = mapped[text + "embeddings.word_embeddings.weight"].shape[1]
     type_vocab = mapped[text + "embeddings.token_type_embeddings.weight"].shape[0]
     hidden = mapped["text_to_fusion.weight"].shape[0]
+    # RoBERTa has a single token type, BERT two: the only difference the weights show. The padding id
+    # (RoBERTa numbers positions after it) is the base preset's unless the text model kind changed.
+    text_kind = "roberta" if type_vocab == 1 else "bert"
+    if text_kind == base.text_kind:
+        pad_token_id = base.pad_token_id
+    else:
+        pad_token_id = 1 if text_kind == "roberta" else 0
     return MeterConfig(**{
         **asdict(base),
         "image_size": grid * patch_size, "patch_size": patch_size, "vision_width": vision_width,
         "vision_layers": count(_IMAGE + "encoder.layers."),
         "vision_heads": heads(vision_width, base.vision_width, base.vision_heads),
         "vision_intermediate": mapped[_IMAGE + "encoder.layers.0.mlp.fc1.weight"].shape[0],
-        # RoBERTa has a single token type, BERT two: the only difference the weights show.
-        "text_kind": "roberta" if type_vocab == 1 else "bert",
-        "pad_token_id": 1 if type_vocab == 1 else 0, "type_vocab_size": type_vocab,
+        "text_kind": text_kind, "pad_token_id": pad_token_id, "type_vocab_size": type_vocab,
         "vocab_size": mapped[text + "embeddings.word_embeddings.weight"].shape[0],
         "text_width": text_width, "text_layers": count(text + "encoder.layer."),
         "text_heads": heads(text_width, base.text_width, base.text_heads),
@@ -522,45 +530,106 @@ def _check_tokenizer_fits(tokenizer, config: MeterConfig, what: str) -> None:
                          f"{config.vocab_size}")
 
 
-def build_meter_teacher(spec_or_folder, tokenizer_dir=None, checkpoint=None) -> MeterTeacher:
-    """`meter-tiny` (needs tokenizer_dir: the data tokenizer sets its vocabulary), `meter-clip16-roberta`
-    (give tokenizer_dir = a local roberta-base tokenizer folder), a folder written by save_pretrained,
-    or an official METER `.ckpt` file (sizes read from its weights; tokenizer_dir = its tokenizer).
-    `checkpoint`: an official METER .ckpt loaded into the preset (strictly: no missing/unknown keys)."""
+def _preset_config(name: str, tokenizer) -> MeterConfig:
+    if name == "meter-tiny":
+        if tokenizer is None:
+            raise ValueError("meter-tiny needs tokenizer_dir (the data tokenizer sets its vocabulary)")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return meter_tiny_config(vocab_size=len(tokenizer), pad_token_id=pad)
+    if name == "meter-clip16-roberta":
+        return meter_clip16_roberta_config()
+    raise ValueError(f"unknown METER teacher spec: {name} (presets: {', '.join(sorted(PRESETS))})")
+
+
+def build_meter_teacher(spec_or_folder, tokenizer_dir=None) -> MeterTeacher:
+    """A METER teacher from one of:
+    - `meter-tiny` (random init; tokenizer_dir = the data tokenizer, which sets the vocabulary);
+    - `meter-clip16-roberta` (random init at the published size; tokenizer_dir = a local roberta-base
+      tokenizer folder: nothing is downloaded);
+    - `PRESET:PATH.ckpt`, e.g. `meter-clip16-roberta:/ckpt/meter_clip16_288_roberta_flickr.ckpt`: an
+      official METER checkpoint loaded strictly (no missing or unknown keys) into the preset, with the
+      sizes read from its weights (the image size from its position table: the published
+      fine-tuning ran at 384 px); a bare `PATH.ckpt` means `meter-clip16-roberta:PATH.ckpt`;
+    - a folder written by save_pretrained (its own tokenizer/ wins over tokenizer_dir)."""
     spec = str(spec_or_folder)
     path = Path(spec)
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-    mapped = load_meter_checkpoint(checkpoint) if checkpoint is not None else None
-
     if path.is_dir():
         saved = json.loads((path / "config.json").read_text())
         if saved.get("backend") != BACKEND_NAME:
             raise ValueError(f"{spec}: config.json backend is {saved.get('backend')!r}, not 'meter'")
         config = MeterConfig.from_dict(saved["meter"])
-        if tokenizer is None and (path / "tokenizer").is_dir():
+        if (path / "tokenizer").is_dir():
             tokenizer = load_tokenizer(path / "tokenizer")
+        else:
+            tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
         from safetensors.torch import load_file
         weights = load_file(str(path / "model.safetensors"))
-        if mapped is not None:
-            raise ValueError(f"{spec}: a saved folder already has its weights; no checkpoint=")
-        mapped = weights
-    elif path.suffix == ".ckpt" and path.is_file():
-        if mapped is not None:
-            raise ValueError(f"{spec}: give the .ckpt as the spec or as checkpoint=, not both")
-        mapped = load_meter_checkpoint(path)
-        config = meter_config_from_state_dict(mapped)
-    elif spec == "meter-tiny":
-        if tokenizer is None:
-            raise ValueError("meter-tiny needs tokenizer_dir (the data tokenizer sets its vocabulary)")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        config = meter_tiny_config(vocab_size=len(tokenizer), pad_token_id=pad)
-    elif spec == "meter-clip16-roberta":
-        config = meter_clip16_roberta_config()
     else:
-        raise ValueError(f"unknown METER teacher spec: {spec}")
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+        if spec.startswith("meter-") and ":" in spec:
+            preset, checkpoint = spec.split(":", 1)
+        elif path.suffix == ".ckpt":
+            preset, checkpoint = "meter-clip16-roberta", spec
+        else:
+            preset, checkpoint = spec, None
+        if checkpoint:
+            if not Path(checkpoint).is_file():
+                raise ValueError(f"METER checkpoint not found: {checkpoint}")
+            weights = load_meter_checkpoint(checkpoint)
+            config = meter_config_from_state_dict(weights, _preset_config(preset, tokenizer))
+        else:
+            config, weights = _preset_config(spec, tokenizer), None
 
     _check_tokenizer_fits(tokenizer, config, spec)
     teacher = MeterTeacher(config, tokenizer=tokenizer)
-    if mapped is not None:
-        teacher.load_state_dict(mapped, strict=True)
+    if weights is not None:
+        teacher.load_state_dict(weights, strict=True)
     return teacher
+
+
+# ----------------------------------------------------------------------------------------------------
+# The student: METER's unimodal towers, no fusion, so a gallery is embedded once.
+
+@register_tower("meter_image")
+class MeterImageFeatures(nn.Module):
+    """Student image tower: METER's CLIP ViT, pooled on the class token (after CLIP's final LayerNorm,
+    the token METER's fusion starts from)."""
+
+    def __init__(self, tower_config: dict):
+        super().__init__()
+        self.tower_config = dict(tower_config)
+        self.tower = MeterImageTower(MeterConfig.from_dict(tower_config["meter"]))
+        self.width = self.tower.width
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.tower(pixel_values)[:, 0]
+
+
+@register_tower("meter_text")
+class MeterTextFeatures(nn.Module):
+    """Student text tower: METER's RoBERTa/BERT, pooled on the first token (<s> / [CLS]); METER never
+    trains RoBERTa's pooler, so the raw first-token state is used."""
+
+    def __init__(self, tower_config: dict):
+        super().__init__()
+        self.tower_config = dict(tower_config)
+        self.tower = MeterTextTower(MeterConfig.from_dict(tower_config["meter"]))
+        self.width = self.tower.width
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.tower(input_ids, attention_mask)[:, 0]
+
+
+def meter_student_from_teacher(teacher: MeterTeacher, embed_dim: int = 256) -> DualEncoder:
+    """DualEncoder whose towers are copies of the teacher's image and text towers (the fusion layers
+    and heads stay behind) with new projection heads; inputs are prepared at the teacher's image size
+    and normalisation, with its tokenizer and maximum length."""
+    config = asdict(teacher.meter_config)
+    image_tower = build_tower({"kind": "meter_image", "modality": "image", "meter": config})
+    text_tower = build_tower({"kind": "meter_text", "modality": "text", "meter": config})
+    image_tower.tower.load_state_dict(teacher.image_tower.state_dict())
+    text_tower.tower.load_state_dict(teacher.text_tower.state_dict())
+    student_config = dict(embed_dim=embed_dim, image_size=teacher.image_size,
+                          image_mean=list(teacher.image_mean), image_std=list(teacher.image_std),
+                          max_length=teacher.max_length)
+    return DualEncoder(student_config, teacher.tokenizer, image_tower, text_tower)
