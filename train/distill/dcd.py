@@ -1,0 +1,306 @@
+"""The DCD objective for one step on one rank, as pure functions of tensors, a teacher callable and
+a :class:`~train.distill.gather.Collectives`.
+
+    L = lambda_itc * L_itc + alpha * mean_i(w_i L_kd,i) + (1 - alpha) * mean_i(w_i L_hard,i)
+
+each distillation term averaged over the directions (i2t, t2i). See docs/ARCHITECTURE.md and
+DESIGN.md "The method", steps 2-6.
+
+Loss scale across ranks (why no term is multiplied by the world size W)
+-------------------------------------------------------------------------
+Let ell_i be the loss of query i of the global batch (G = W * B queries per direction) and L_r the
+loss this function returns on rank r: a LOCAL mean, (1/B) sum_{i on r} ell_i, so that
+(1/W) sum_r L_r = (1/G) sum_i ell_i = L_global, the 1-rank loss on the global batch.
+Each ell_i depends on the parameters theta through the embeddings of every rank q (the pool).
+The autograd all-gather's backward gives rank q's embeddings the SUM over ranks r of dL_r/d(emb_q),
+so the backward on rank q yields g_q = sum_r dL_r/dtheta|through emb_q. The trainer (DeepSpeed)
+AVERAGES gradients over ranks: (1/W) sum_q g_q = (1/W) sum_r sum_q dL_r/dtheta|through emb_q
+= (1/W) sum_r dL_r/dtheta = dL_global/dtheta. So local means + autograd gather + gradient averaging
+reproduce the 1-rank gradient exactly (tests/test_dcd_distributed.py checks it on 2 gloo ranks).
+The weighted distillation terms use sum_{i on r} w_i ell_i * W / N_global (N_global = number of
+distilled queries over all ranks, all-reduced with the weights): the local mean when every rank
+distils the same number of queries, and still exactly the global mean after averaging if not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+
+import torch
+
+from .gather import (Collectives, fetch_pool_rows, gathered_offset, local_logits,
+                     pad_to_common_length)
+from .losses import (KD_KINDS, WEIGHTING_SCHEMES, dynamic_weights, hard_negative_ce_per_sample,
+                     info_nce, kd_loss_per_sample, normalize_weights)
+from .negatives import (candidate_set_logits, random_candidates, random_pool_candidates,
+                        student_proposals, teacher_ranked_negatives)
+
+DIRECTIONS = ("i2t", "t2i")
+NEGATIVE_SOURCES = ("teacher", "random", "random_pool")
+TRANSPORTS = ("all_to_all", "all_gather")
+
+# teacher_score(raw_images [I,...] uint8, raw_texts {name: [T,...]}, image_index [N], text_index [N])
+#   -> logits [N] of the pairs (raw_images[image_index[n]], caption text_index[n]); called under no_grad.
+TeacherScore = Callable[[torch.Tensor, Mapping[str, torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DCDConfig:
+    """Hyper-parameters of the DCD objective.
+
+    candidates: M, the student's top-M proposals per query (positives excluded).
+    hard_negatives: K, the teacher's top-K of the M kept as hard negatives (candidate set 1 + K).
+    alpha: share of KD in the distillation terms; (1 - alpha) goes to the hard-negative CE.
+    kd_temperature: T of the KL. Default 1.0: the student's logits already carry a learned
+        temperature (logit_scale) that adapts its sharpness to the teacher's, and the candidate set
+        is small (1 + K = 8), so the teacher's full distribution over it is the target; a T > 1
+        mostly flattens an already informative 8-way distribution. (T^2 keeps the gradient scale.)
+    kd_loss: "kl" | "mse" (logit MSE, the published code).
+    lambda_itc: weight of the contrastive loss.
+    weighting: "entropy" (published code) | "wsl" (the paper) | "none".
+    directions: subset of ("i2t", "t2i") that are distilled (InfoNCE is always symmetric).
+    distill_queries: None = every local query; N = the FIRST N local queries of each direction.
+        First rather than random N: the loader already shuffles, so the first N are a random subset,
+        and it needs no generator state (reproducible, nothing to checkpoint). It bounds the
+        teacher's cost, which PLATFORM_NOTES measured as the step's dominant share.
+    negatives_from: "teacher" (DCD) | "random" (ablation: K random of the student's M proposals,
+        no teacher ranking) | "random_pool" (K random non-positives from the whole pool).
+    candidate_transport: "all_to_all" (only the selected candidates' raw inputs move) |
+        "all_gather" (every rank's raw inputs move; simpler).
+    """
+
+    candidates: int = 16
+    hard_negatives: int = 7
+    alpha: float = 0.2
+    kd_temperature: float = 1.0
+    kd_loss: str = "kl"
+    lambda_itc: float = 1.0
+    weighting: str = "entropy"
+    directions: Tuple[str, ...] = DIRECTIONS
+    distill_queries: Optional[int] = None
+    negatives_from: str = "teacher"
+    candidate_transport: str = "all_to_all"
+
+    def __post_init__(self):
+        self.directions = tuple(self.directions)
+        checks = [
+            (self.kd_loss in KD_KINDS, f"kd_loss {self.kd_loss!r} not in {KD_KINDS}"),
+            (self.weighting in WEIGHTING_SCHEMES, f"weighting {self.weighting!r} not in {WEIGHTING_SCHEMES}"),
+            (all(d in DIRECTIONS for d in self.directions), f"directions {self.directions} not in {DIRECTIONS}"),
+            (len(set(self.directions)) == len(self.directions), "directions repeated"),
+            (self.negatives_from in NEGATIVE_SOURCES, f"negatives_from {self.negatives_from!r} not in {NEGATIVE_SOURCES}"),
+            (self.candidate_transport in TRANSPORTS, f"candidate_transport {self.candidate_transport!r} not in {TRANSPORTS}"),
+            (self.candidates >= 1 and self.hard_negatives >= 1, "candidates and hard_negatives must be >= 1"),
+            (self.distill_queries is None or self.distill_queries >= 1, "distill_queries must be None or >= 1"),
+            (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
+            (self.kd_temperature > 0, "kd_temperature must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class _Pool(NamedTuple):
+    logits: Dict[str, torch.Tensor]      # "i2t": [B, G] local images x caption pool; "t2i": [B, G]
+    positive_mask: torch.Tensor          # [B, G] bool: same image id (for both directions)
+    offset: int                          # pool position of this rank's first row
+    loss_itc: torch.Tensor
+
+
+def _contrastive_pool(image_emb_local, text_emb_local, logit_scale, image_ids_local, comm) -> _Pool:
+    """Steps 2-3: gather with gradient, B x G local logits, InfoNCE masked by image id."""
+    image_pool = comm.all_gather_with_grad(image_emb_local, tag="embeddings")
+    text_pool = comm.all_gather_with_grad(text_emb_local, tag="embeddings")
+    image_ids_pool = comm.all_gather_no_grad(image_ids_local, tag="image_ids")
+    # Queries use the LOCAL embeddings (their own autograd path); keys come from the pool.
+    logits_i2t = local_logits(image_emb_local, text_pool, logit_scale)
+    logits_t2i = local_logits(text_emb_local, image_pool, logit_scale)
+    # A caption is paired with an image id, so image i's positives in the caption pool and caption
+    # i's positives in the image pool are the same mask: every entry of the same image id.
+    positive_mask = image_ids_local.view(-1, 1) == image_ids_pool.view(1, -1)
+    loss_itc = info_nce(logits_i2t, logits_t2i, positive_mask, positive_mask)
+    offset = gathered_offset(comm.rank, image_emb_local.shape[0])
+    return _Pool({"i2t": logits_i2t, "t2i": logits_t2i}, positive_mask, offset, loss_itc)
+
+
+def _bytes_since(comm: Collectives, before: Mapping[str, int]) -> Dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in comm.bytes_moved.items() if v - before.get(k, 0)}
+
+
+def contrastive_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_scale: torch.Tensor,
+                     image_ids_local: torch.Tensor, comm: Collectives) -> Tuple[torch.Tensor, Dict]:
+    """The baseline (``--stage student``): symmetric InfoNCE over the gathered pool.
+
+    Args:
+        image_emb_local, text_emb_local: [B, D] L2-normalised, B equal on every rank.
+        logit_scale: scalar tensor, the already clamped exp(logit_scale).
+        image_ids_local: [B] long.
+        comm: the ranks' collectives.
+    Returns:
+        (loss, logs) with logs = {loss, loss_itc (0-dim detached tensors), pool_size, bytes_moved (ints)}.
+    """
+    before = dict(comm.bytes_moved)
+    pool = _contrastive_pool(image_emb_local, text_emb_local, logit_scale, image_ids_local, comm)
+    loss = pool.loss_itc
+    logs = {"loss": loss.detach(), "loss_itc": loss.detach(), "pool_size": pool.positive_mask.shape[1],
+            "bytes_moved": sum(_bytes_since(comm, before).values())}
+    return loss, logs
+
+
+def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_scale: torch.Tensor,
+             image_ids_local: torch.Tensor, raw_images_local: torch.Tensor,
+             raw_texts_local: Mapping[str, torch.Tensor], teacher_score: TeacherScore,
+             comm: Collectives, cfg: DCDConfig,
+             generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict]:
+    """The whole DCD objective for one step on this rank.
+
+    Args:
+        image_emb_local, text_emb_local: [B, D] student embeddings (L2-normalised, with gradient);
+            row i of both is pair i; B equal on every rank.
+        logit_scale: scalar tensor, the already clamped exp(logit_scale) (gets a gradient).
+        image_ids_local: [B] long image ids (equal ids = the same image: positives of each other).
+        raw_images_local: [B, 3, S, S] uint8 pixels for the teacher.
+        raw_texts_local: the teacher's token tensors of the B captions, e.g. input_ids and
+            attention_mask [B, L]; L may differ between ranks (padded here with 0 to the longest).
+        teacher_score: frozen teacher, see ``TeacherScore``. Called exactly ONCE per call on every
+            rank when a direction is distilled (a ZeRO-3 teacher gathers its parameters inside its
+            forward, so every rank must call it equally often); the pairs are de-duplicated first.
+        comm: the ranks' collectives.
+        cfg: hyper-parameters.
+        generator: seeds the draws of the random-negative ablations (None: global RNG).
+    Returns:
+        (loss, logs). logs: loss, loss_itc, loss_kd, loss_hard (and loss_kd_<dir>, loss_hard_<dir>),
+        weight_mean, weight_std, teacher_margin, teacher_accuracy, teacher_student_agreement
+        (``negatives_from="teacher"`` only) as 0-dim detached tensors (no device sync here);
+        weights: [n] detached normalised weights of this rank's distilled queries (for a histogram);
+        pool_size, teacher_pairs, bytes_moved, bytes_moved_candidates: ints.
+    """
+    before = dict(comm.bytes_moved)
+    pool = _contrastive_pool(image_emb_local, text_emb_local, logit_scale, image_ids_local, comm)
+    B, G = pool.positive_mask.shape
+    device = image_emb_local.device
+    M, K = cfg.candidates, cfg.hard_negatives
+
+    n_queries = B if cfg.distill_queries is None else min(cfg.distill_queries, B)
+    query = torch.arange(n_queries, device=device)
+    own = pool.offset + query  # pool position of each query's own pair (its positive)
+    query_positive_mask = pool.positive_mask[:n_queries]
+
+    # Step 4a: the student proposes (without gradient), or the ablations draw at random.
+    proposals: Dict[str, torch.Tensor] = {}
+    scored: Dict[str, torch.Tensor] = {}  # [n, S] pool indices the teacher scores per query
+    for d in cfg.directions:
+        if cfg.negatives_from == "random_pool":
+            scored[d] = random_pool_candidates(query_positive_mask, K, generator)
+            continue
+        proposals[d] = student_proposals(pool.logits[d][:n_queries].detach(), query_positive_mask, M)
+        scored[d] = (proposals[d] if cfg.negatives_from == "teacher"
+                     else random_candidates(proposals[d], K, generator))
+
+    logs: Dict = {"pool_size": G}
+    if not cfg.directions:
+        loss = cfg.lambda_itc * pool.loss_itc
+        logs.update(loss=loss.detach(), loss_itc=pool.loss_itc.detach(),
+                    bytes_moved=sum(_bytes_since(comm, before).values()), bytes_moved_candidates=0)
+        return loss, logs
+
+    # Step 4b: the raw inputs the teacher needs, as sorted unique pool positions: the queries' own
+    # images and captions (query and positive), the i2t candidate captions, the t2i candidate images.
+    # Branches depend on cfg only, so every rank runs the same collectives.
+    image_needed = torch.unique(torch.cat([own] + ([scored["t2i"].flatten()] if "t2i" in scored else [])))
+    text_needed = torch.unique(torch.cat([own] + ([scored["i2t"].flatten()] if "i2t" in scored else [])))
+    if "t2i" in scored:
+        images = fetch_pool_rows({"pixels": raw_images_local}, image_needed, comm,
+                                 cfg.candidate_transport, tag="candidates.images")["pixels"]
+    else:  # only this rank's own images are needed
+        images = raw_images_local[(image_needed - pool.offset).to(raw_images_local.device)]
+    if "i2t" in scored:
+        padded_texts = pad_to_common_length(raw_texts_local, comm, tag="candidates.text_lengths")
+        texts = fetch_pool_rows(padded_texts, text_needed, comm, cfg.candidate_transport,
+                                tag="candidates.texts")
+    else:
+        texts = {k: v[(text_needed - pool.offset).to(v.device)] for k, v in raw_texts_local.items()}
+
+    # Step 4c: one teacher call over unique (image, caption) pairs: the positives first (shared by
+    # both directions), then (query image, candidate caption) and (candidate image, query caption).
+    pair_images, pair_texts, spans = [own], [own], {}
+    start = n_queries
+    for d in cfg.directions:
+        n_scored = scored[d].shape[1]
+        repeated_own = own.view(-1, 1).expand(-1, n_scored)
+        images_d, texts_d = (repeated_own, scored[d]) if d == "i2t" else (scored[d], repeated_own)
+        pair_images.append(images_d.flatten())
+        pair_texts.append(texts_d.flatten())
+        spans[d] = (start, n_scored)
+        start += n_queries * n_scored
+    image_rows = torch.searchsorted(image_needed, torch.cat(pair_images))
+    text_rows = torch.searchsorted(text_needed, torch.cat(pair_texts))
+    pair_key = image_rows * text_needed.shape[0] + text_rows
+    unique_pairs, pair_of = torch.unique(pair_key, return_inverse=True)
+    with torch.no_grad():
+        unique_scores = teacher_score(images, texts, unique_pairs // text_needed.shape[0],
+                                      unique_pairs % text_needed.shape[0])
+    unique_scores = unique_scores.detach()
+    if unique_scores.dtype != torch.float64:  # half-precision teachers: losses run in float32
+        unique_scores = unique_scores.float()
+    teacher_pair_logits = unique_scores.to(device)[pair_of.to(device)]
+    teacher_positive = teacher_pair_logits[:n_queries]
+
+    # Step 5: candidate sets, positive at column 0 for teacher and student alike.
+    per_direction = {}
+    for d in cfg.directions:
+        start, n_scored = spans[d]
+        teacher_scored = teacher_pair_logits[start:start + n_queries * n_scored].view(n_queries, n_scored)
+        if cfg.negatives_from == "teacher":
+            negative_index, teacher_negatives = teacher_ranked_negatives(teacher_scored, scored[d], K)
+        else:
+            negative_index, teacher_negatives = scored[d], teacher_scored
+        student_rows = pool.logits[d][:n_queries]  # with gradient
+        student_set = candidate_set_logits(student_rows[query, own], student_rows.gather(1, negative_index))
+        teacher_set = candidate_set_logits(teacher_positive, teacher_negatives)
+        per_direction[d] = dict(
+            student_set=student_set, teacher_set=teacher_set, negative_index=negative_index,
+            raw_weights=dynamic_weights(teacher_set, student_set, cfg.weighting),
+            kd=kd_loss_per_sample(student_set, teacher_set, cfg.kd_temperature, cfg.kd_loss),
+            hard=hard_negative_ce_per_sample(student_set))
+
+    # Step 6: weights normalised to mean 1 per direction over the GLOBAL batch: one all-reduce of
+    # [sum_d, count_d] for every direction.
+    local_stats = torch.stack([torch.stack([p["raw_weights"].sum(), p["raw_weights"].new_tensor(float(n_queries))])
+                               for p in per_direction.values()])
+    global_stats = comm.all_reduce_sum(local_stats, tag="weights")
+    loss_kd, loss_hard, weights = {}, {}, []
+    for (d, p), (global_sum, global_count) in zip(per_direction.items(), global_stats):
+        w = normalize_weights(p["raw_weights"], global_sum, global_count)
+        scale = comm.world_size / global_count  # see the module docstring: averaging over ranks
+        loss_kd[d] = (w * p["kd"]).sum() * scale
+        loss_hard[d] = (w * p["hard"]).sum() * scale
+        weights.append(w)
+    mean_kd = torch.stack(list(loss_kd.values())).mean()
+    mean_hard = torch.stack(list(loss_hard.values())).mean()
+    loss = cfg.lambda_itc * pool.loss_itc + cfg.alpha * mean_kd + (1.0 - cfg.alpha) * mean_hard
+
+    # Logs.
+    weights = torch.cat(weights)
+    teacher_sets = torch.cat([p["teacher_set"] for p in per_direction.values()])
+    if teacher_sets.shape[1] > 1:
+        best_negative = teacher_sets[:, 1:].max(dim=1).values
+        logs["teacher_margin"] = (teacher_sets[:, 0] - best_negative).mean()
+        logs["teacher_accuracy"] = (teacher_sets[:, 0] > best_negative).float().mean()
+    if cfg.negatives_from == "teacher":
+        # Fraction of the teacher's top-K that are also among the student's top-K of the M
+        # proposals (the proposals are sorted by student similarity).
+        agree = [(p["negative_index"].unsqueeze(2) == proposals[d][:, :p["negative_index"].shape[1]].unsqueeze(1))
+                 .any(dim=2).float() for d, p in per_direction.items()]
+        logs["teacher_student_agreement"] = torch.cat(agree).mean()
+    moved = _bytes_since(comm, before)
+    logs.update(
+        loss=loss.detach(), loss_itc=pool.loss_itc.detach(), loss_kd=mean_kd.detach(),
+        loss_hard=mean_hard.detach(), weight_mean=weights.mean(), weight_std=weights.std(unbiased=False),
+        weights=weights, teacher_pairs=int(unique_pairs.shape[0]),
+        bytes_moved=sum(moved.values()),
+        bytes_moved_candidates=sum(v for k, v in moved.items() if k.startswith("candidates")))
+    for d in cfg.directions:
+        logs[f"loss_kd_{d}"] = loss_kd[d].detach()
+        logs[f"loss_hard_{d}"] = loss_hard[d].detach()
+    return loss, logs
