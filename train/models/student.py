@@ -67,16 +67,16 @@ class ConvImageTower(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        cfg = dict(dict(channels=[32, 64, 96], pool="flatten", flatten_channels=16, width=256,
-                        image_size=64, modality="image"), **cfg)
+        cfg = dict(dict(channels=[16, 32, 64, 64], strides=[2, 2, 2, 1], pool="flatten",
+                        flatten_channels=16, width=256, image_size=64, modality="image"), **cfg)
         self.tower_config = cfg
         layers, in_channels = [], 5
-        for out_channels in cfg["channels"]:
-            layers += [nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1),
+        for out_channels, stride in zip(cfg["channels"], cfg["strides"]):
+            layers += [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
                        nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
             in_channels = out_channels
         self.convs = nn.Sequential(*layers)
-        side = cfg["image_size"] // 2 ** len(cfg["channels"])
+        side = cfg["image_size"] // math.prod(cfg["strides"])
         if cfg["pool"] == "flatten":
             self.squeeze = nn.Conv2d(in_channels, cfg["flatten_channels"], 1)
             self.project = nn.Sequential(
