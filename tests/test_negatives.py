@@ -120,3 +120,10 @@ def test_dcd_keeps_teacher_and_student_aligned_when_the_teacher_prefers_a_negati
     assert abs(torch.cat(buggy).mean().item() - loss.item()) > 1e-3  # the test can tell them apart
     assert logs["teacher_accuracy"].item() < 1.0
     assert logs["pool_size"] == G and logs["bytes_moved"] == 0
+
+
+@pytest.mark.parametrize("bad", [dict(kd_loss="l1"), dict(weighting="focal"), dict(directions=("i2i",)),
+                                 dict(negatives_from="student"), dict(distill_queries=0), dict(alpha=1.5)])
+def test_dcd_config_rejects_unknown_settings(bad):
+    with pytest.raises(ValueError):
+        DCDConfig(**bad)
