@@ -248,7 +248,7 @@ class SyntheticPair:
         from tools import scenes
         return [Item(rec["image_id"], ArrayLoader(pixels), rec["captions"],
                      {"dataset": "synthetic", "seed": self.seed, "objects": rec["objects"],
-                      "twin_type": rec["twin_type"]}, rec["twin_id"], rec["group"], str(rec["image_id"]))
+                      "twin_type": rec["twin_type"], "false_for_twin": rec["false_for_twin"]}, rec["twin_id"], rec["group"], str(rec["image_id"]))
                 for pixels, rec in scenes.generate_pair(self.seed, self.group, self.image_size)]
 
 

@@ -165,8 +165,8 @@ def candidate_captions(objects: tuple, rng: random.Random) -> list:
 
 
 def choose_captions(objects: tuple, twin: tuple, rng: random.Random, n: int = 5,
-                    max_words: int = 16) -> list:
-    """n distinct captions true for `objects`, preferring ones that are false for `twin`.
+                    max_words: int = 16) -> tuple:
+    """(n captions true for `objects`, [caption is false for `twin`]), preferring ones false for it.
 
     Captions longer than `max_words` are dropped: caption length dominates a cross-encoder's cost.
     """
@@ -179,10 +179,11 @@ def choose_captions(objects: tuple, twin: tuple, rng: random.Random, n: int = 5,
             continue
         seen.add(text)
         (others if claim_holds(claim, twin) else discriminative).append(text)
-    chosen = (discriminative + others)[:n]
+    ranked = [(t, True) for t in discriminative] + [(t, False) for t in others]
+    chosen = ranked[:n]
     while len(chosen) < n:  # tiny candidate sets: repeat rather than return fewer than n
-        chosen.append(chosen[len(chosen) % max(1, len(chosen))])
-    return chosen
+        chosen.append(chosen[len(chosen) % len(chosen)])
+    return [t for t, _ in chosen], [d for _, d in chosen]
 
 
 # ---------------------------------------------------------------- scenes and twins
@@ -291,9 +292,9 @@ def generate_pair(seed: int, group: int, image_size: int = 64, noise: float = 4.
     caption_rng = random.Random(f"captions:{seed}:{group}")
     out = []
     for member, (mine, other) in enumerate(((objects, twin), (twin, objects))):
-        image_id = 2 * group + member
-        record = {"image_id": image_id, "twin_id": 2 * group + 1 - member, "group": group,
-                  "captions": choose_captions(mine, other, caption_rng),
+        captions, false_for_twin = choose_captions(mine, other, caption_rng)
+        record = {"image_id": 2 * group + member, "twin_id": 2 * group + 1 - member, "group": group,
+                  "captions": captions, "false_for_twin": false_for_twin,
                   "objects": describe(mine), "twin_type": twin_type}
         out.append((render(mine, look, image_size, noise), record))
     return out
@@ -303,7 +304,8 @@ def generate_split(num_images: int, seed: int, image_size: int = 64, start_group
                    noise: float = 4.0) -> Iterator[tuple]:
     """Yield (image uint8 [S,S,3], record) for `num_images` images as consecutive twin pairs.
 
-    record: image_id (= 2*group + member), twin_id, group, captions (5), objects, twin_type.
+    record: image_id (= 2*group + member), twin_id, group, captions (5), false_for_twin (per caption:
+    the caption is wrong for the twin, so it tests binding), objects, twin_type.
     `start_group` skips the first groups without generating them.
     """
     if num_images % 2:

@@ -105,7 +105,7 @@ def train_tokenizer(captions, out_dir, vocab_size: int = 8000, min_frequency: in
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 0, as BERT
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=specials)
+                                        special_tokens=specials, show_progress=False)
     tok.train_from_iterator(captions, trainer=trainer)
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -294,11 +294,16 @@ def group_units(samples, twins_in_batch: bool):
 
 
 def shuffle_units(units, bufsize: int, seed: int, rank: int, world_size: int, start_batch: int):
-    """Reservoir shuffle with a seeded per-slot generator (no webdataset global RNG state)."""
+    """Buffer shuffle with a seeded per-slot generator, emptied at the end of every pass: each pass
+    yields each unit of the slot exactly once (a true permutation when the buffer holds a pass)."""
     slot, _, _, _ = slot_of(rank, world_size, start_batch)
     rng = random.Random(f"shuffle:{seed}:{slot}")
-    buf = []
+    buf, current_pass = [], None
     for unit in units:
+        if unit[0]["__pass__"] != current_pass:
+            rng.shuffle(buf)
+            yield from buf
+            buf, current_pass = [], unit[0]["__pass__"]
         buf.append(unit)
         if len(buf) < bufsize:
             continue

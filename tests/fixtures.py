@@ -1,0 +1,169 @@
+"""Tiny fixtures in the real formats, for tests of the data path (and anyone else's).
+
+Every builder writes under a folder it is given (pytest's tmp_path) and returns the paths that
+tools/make_shards.py takes. Images are a few pixels: the formats matter here, not the content.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def image_bytes(mode: str = "RGB", size=(24, 16), fmt: str = "JPEG", seed: int = 0) -> bytes:
+    """An encoded image in a given PIL mode: RGB, L, RGBA, CMYK, I;16, P, LA."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    rgb = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    elif mode == "P":
+        img = rgb.convert("P", palette=Image.ADAPTIVE, colors=16)
+    else:
+        img = rgb.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+CORRUPT_JPEG = image_bytes()[:60]  # a header, then nothing: opens, fails to decode
+NOT_AN_IMAGE = b"this is not an image at all"
+
+
+def write_images(folder: Path, specs: dict) -> None:
+    """specs: file name -> bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in specs.items():
+        (folder / name).write_bytes(data)
+
+
+def odd_images() -> dict:
+    """One image per odd mode (each must be converted to RGB), plus a corrupt one."""
+    return {"rgb.jpg": image_bytes("RGB", seed=1), "gray.png": image_bytes("L", fmt="PNG", seed=2),
+            "rgba.png": image_bytes("RGBA", fmt="PNG", seed=3), "cmyk.jpg": image_bytes("CMYK", seed=4),
+            "deep.png": image_bytes("I;16", fmt="PNG", seed=5), "pal.png": image_bytes("P", fmt="PNG", seed=6),
+            "corrupt.jpg": CORRUPT_JPEG}
+
+
+def make_karpathy(root: Path):
+    """(json path, image folder) in the Karpathy split format; 6 train/restval, 1 val, 1 test,
+    plus one corrupt image and one image whose captions are all blank."""
+    images = root / "flickr30k-images"
+    files = odd_images()
+    files["blank.jpg"] = image_bytes(seed=7)
+    files["val.jpg"] = image_bytes(seed=8)
+    files["test.jpg"] = image_bytes(seed=9)
+    write_images(images, files)
+    split_of = {"val.jpg": "val", "test.jpg": "test", "gray.png": "restval"}
+    entries = []
+    for i, name in enumerate(files):
+        sentences = [{"raw": "   ", "tokens": []}] if name == "blank.jpg" else \
+            [{"raw": f"A photo number {i} called {name.split('.')[0]} .", "tokens": []},
+             {"raw": f"Another caption of image {i} .", "tokens": []}]
+        entries.append({"filename": name, "imgid": i, "split": split_of.get(name, "train"),
+                        "sentences": sentences, "sentids": [2 * i, 2 * i + 1]})
+    path = root / "dataset_flickr30k.json"
+    path.write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+    return path, images
+
+
+def make_coco(root: Path):
+    """(json path, image folder) in the COCO captions format; one image has no caption."""
+    images = root / "val2017"
+    write_images(images, {"000000000139.jpg": image_bytes(seed=1), "000000000285.jpg": image_bytes("L", seed=2),
+                          "000000000632.jpg": image_bytes(seed=3)})
+    data = {"info": {}, "licenses": [],
+            "images": [{"id": 139, "file_name": "000000000139.jpg", "height": 16, "width": 24},
+                       {"id": 285, "file_name": "000000000285.jpg", "height": 16, "width": 24},
+                       {"id": 632, "file_name": "000000000632.jpg", "height": 16, "width": 24}],
+            "annotations": [{"id": 1, "image_id": 139, "caption": "A woman stands in a kitchen."},
+                            {"id": 2, "image_id": 139, "caption": "A kitchen with a person."},
+                            {"id": 3, "image_id": 285, "caption": "A big brown bear."}]}
+    path = root / "captions_val2017.json"
+    path.write_text(json.dumps(data))
+    return path, images
+
+
+def make_table(root: Path, kind: str = "tsv"):
+    """(table path, image root) for kind tsv | csv | jsonl; two rows share an image, one row has
+    an empty caption, one names a missing file."""
+    images = root / "imgs"
+    write_images(images, {"a.jpg": image_bytes(seed=1), "b.png": image_bytes("RGBA", fmt="PNG", seed=2),
+                          "c.jpg": image_bytes(seed=3)})
+    rows = [("a.jpg", "a dog on the grass"), ("b.png", "a cat, sleeping"), ("a.jpg", "the dog runs"),
+            ("c.jpg", "  "), ("missing.jpg", "a caption of nothing")]
+    path = root / f"pairs.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
+    else:
+        import csv
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f, delimiter="\t" if kind == "tsv" else ",")
+            w.writerow(["filepath", "caption"])
+            w.writerows(rows)
+    return path, images
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_img2dataset(root: Path):
+    """An img2dataset output folder: 00000.tar, 00001.tar (+ _stats.json, .parquet-less);
+    5 good samples, one corrupt image, one sample with an empty caption."""
+    folder = root / "img2dataset_out"
+    folder.mkdir(parents=True)
+    samples = [
+        [("000000000", image_bytes(seed=1), "a red car"), ("000000001", image_bytes("L", seed=2), "a gray sky"),
+         ("000000002", CORRUPT_JPEG, "broken"), ("000000003", image_bytes(seed=3), "")],
+        [("000010000", image_bytes(seed=4), "a boat"), ("000010001", image_bytes(seed=5), "two boats"),
+         ("000010002", image_bytes(seed=6), "a harbour at night")],
+    ]
+    for shard, rows in enumerate(samples):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w") as tar:
+            for key, img, caption in rows:
+                meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success",
+                        "caption": caption, "width": 24, "height": 16, "original_width": 240,
+                        "original_height": 160, "error_message": None}
+                add_member(tar, f"{key}.jpg", img)
+                add_member(tar, f"{key}.txt", caption.encode())
+                add_member(tar, f"{key}.json", json.dumps(meta).encode())
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps(
+            {"count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
+             "status_dict": {"success": len(rows)}}))
+    return folder
+
+
+def make_synthetic_shards(out: Path, train: int = 64, val: int = 16, test: int = 0, maxcount: int = 16,
+                          tokenizer: bool = False, seed: int = 0, image_size: int = 32) -> Path:
+    """Small synthetic shards written by make_shards itself (in-process, no progress bar)."""
+    from tools import make_shards
+    argv = ["--source", "synthetic", "--out", str(out), "--train-images", str(train),
+            "--val-images", str(val), "--test-images", str(test), "--maxcount", str(maxcount),
+            "--image-size", str(image_size), "--seed", str(seed), "--quiet"]
+    if not tokenizer:
+        argv.append("--no-tokenizer")
+    assert make_shards.main(argv) == 0
+    return out
+
+
+def write_raw_shard(path: Path, samples: list) -> None:
+    """A shard from raw members: samples = [(key, {ext: bytes})], for corrupt-sample tests."""
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                add_member(tar, f"{key}.{ext}", data)
+
+
+def write_manifest(folder: Path, split: str, shards: list, counts: list) -> None:
+    (folder / f"{split}.json").write_text(json.dumps(
+        {"split": split, "shards": shards, "shard_counts": counts, "num_samples": sum(counts),
+         "num_captions": sum(counts), "skipped": {}}))
