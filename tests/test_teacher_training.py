@@ -1,0 +1,151 @@
+"""The teacher matching loss: its negatives, its perturbations, and that it trains."""
+import random
+
+import pytest
+import torch
+
+from train.models.presets import build_teacher
+from train.models.teacher_training import (TeacherTrainingConfig, build_candidates, learning_rate,
+                                           make_optimizer, mask_words, perturb_caption,
+                                           teacher_matching_loss, twin_rows)
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def make_tokenizer(folder):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = " ".join(COLOURS) + " a square circle left right of above below"
+    tok.train_from_iterator([words] * 10, trainers.WordPieceTrainer(vocab_size=60, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def twin_scene_batch(groups=4, seed=0):
+    """Twin pairs: left half colour a / right half colour b, and the twin with the colours swapped."""
+    rng = random.Random(seed)
+    pixels, captions, image_ids, twin_ids = [], [], [], []
+    for g in range(groups):
+        a, b = rng.sample(list(COLOURS), 2)
+        for first, second, image_id, twin_id in ((a, b, 2 * g, 2 * g + 1), (b, a, 2 * g + 1, 2 * g)):
+            image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+            image[:, 16:48, 4:28] = torch.tensor(COLOURS[first], dtype=torch.uint8)[:, None, None]
+            image[:, 16:48, 36:60] = torch.tensor(COLOURS[second], dtype=torch.uint8)[:, None, None]
+            pixels.append(image)
+            captions.append(f"a {first} square left of a {second} square")
+            image_ids.append(image_id)
+            twin_ids.append(twin_id)
+    return {"pixels": torch.stack(pixels), "captions": captions, "image_ids": torch.tensor(image_ids),
+            "twin_ids": torch.tensor(twin_ids), "groups": torch.tensor(image_ids) // 2}
+
+
+def test_perturbations_change_binding_or_attributes():
+    rng = random.Random(0)
+    assert perturb_caption("A red circle left of a blue square", rng) in {
+        "A blue circle left of a red square", "A red square left of a blue circle",
+        "A red circle right of a blue square"}
+    assert perturb_caption("a man riding a horse", rng) == "a horse riding a man"
+    assert perturb_caption("Above the sea", rng) == "Below the sea"
+    replaced = perturb_caption("a red ball", rng)
+    assert replaced is not None and replaced != "a red ball"
+    assert perturb_caption("a photo of something", rng) is None
+
+
+def test_twin_rows_find_twins_in_the_batch():
+    rows = twin_rows(torch.tensor([10, 11, 12, 13]), torch.tensor([11, 10, 99, -1]))
+    assert rows.tolist() == [1, 0, -1, -1]
+
+
+def _scored_pairs(plan, rows_key, valid_key):
+    pairs = torch.stack([plan["image_index"], plan["text_index"]], dim=1)
+    rows, valid = plan[rows_key], plan[valid_key]
+    return [[tuple(pairs[p].tolist()) for p, ok in zip(row, ok_row) if ok] for row, ok_row in zip(rows, valid)]
+
+
+def test_negatives_never_include_the_positive():
+    # rows 0 and 4 show the same image, rows 1 and 5 different images with the very same caption
+    captions = ["a red square left of a blue square", "a blue circle", "a green star above a red star",
+                "a yellow square", "a red square left of a blue square", "a blue circle", "a red cube", "a cat"]
+    image_ids = torch.tensor([0, 1, 2, 3, 0, 5, 6, 7])
+    twin_ids = torch.tensor([1, 0, 3, 2, -1, -1, 7, 6])
+    cfg = TeacherTrainingConfig(random_negatives=7, similar_negatives=3)
+    perturbed = [perturb_caption(c, random.Random(i)) for i, c in enumerate(captions)]
+    for seed in range(5):
+        plan = build_candidates(image_ids, twin_ids, captions, perturbed, cfg,
+                                torch.Generator().manual_seed(seed))
+        same = lambda i, j: j < len(captions) and (image_ids[i] == image_ids[j] or captions[i] == captions[j])
+        for i, candidates in enumerate(_scored_pairs(plan, "image_rows", "image_valid")):
+            assert candidates[0] == (i, i)
+            assert all(not same(i, text) for image, text in candidates[1:]) and all(image == i for image, _ in candidates)
+        for j, candidates in enumerate(_scored_pairs(plan, "caption_rows", "caption_valid")):
+            assert candidates[0] == (j, j)
+            assert all(not same(image, j) for image, text in candidates[1:]) and all(text == j for _, text in candidates)
+        # the twin is the first negative, on both sides, wherever the twin is in the batch
+        assert plan["image_valid"][0, 1] and plan["text_index"][plan["image_rows"][0, 1]] == 1
+        assert not plan["image_valid"][4, 1]
+
+
+def test_every_pair_is_scored_once():
+    batch = twin_scene_batch(groups=4)
+    plan = build_candidates(batch["image_ids"], batch["twin_ids"], batch["captions"],
+                            [None] * 8, TeacherTrainingConfig())
+    pairs = torch.stack([plan["image_index"], plan["text_index"]], dim=1)
+    assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TeacherTrainingConfig()
+    assert learning_rate(0, 1000, cfg) == pytest.approx(cfg.lr / cfg.warmup_steps)
+    assert learning_rate(cfg.warmup_steps - 1, 1000, cfg) == pytest.approx(cfg.lr)
+    assert learning_rate(1000, 1000, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert (cfg.lr, cfg.warmup_steps, cfg.weight_decay, cfg.grad_clip) == (1e-3, 100, 1e-4, 5.0)
+
+
+def test_mask_words_masks_only_real_words(tokenizer_dir):
+    teacher = build_teacher("film-tiny", tokenizer_dir)
+    tokens = teacher.tokenize(["a red square", "a blue square left of a green square"])
+    masked, labels = mask_words(tokens["input_ids"], tokens["attention_mask"], teacher.tokenizer, 0.0)
+    chosen = labels != -100
+    assert chosen.sum(1).tolist() == [1, 1]  # at least one per caption even at probability 0
+    special = set(teacher.tokenizer.all_special_ids)
+    assert all(int(t) not in special for t in tokens["input_ids"][chosen])
+    assert (masked[chosen] == teacher.tokenizer.mask_token_id).all()
+
+
+@pytest.mark.parametrize("preset, mlm_weight", [("film-tiny", 0.0), ("film-tiny", 0.5), ("vilt-tiny", 0.5)])
+def test_matching_loss_decreases_over_a_few_steps(preset, mlm_weight, tokenizer_dir):
+    torch.manual_seed(0)
+    teacher = build_teacher(preset, tokenizer_dir)
+    batch = twin_scene_batch(groups=4)
+    cfg = TeacherTrainingConfig(lr=3e-3, mlm_weight=mlm_weight)
+    optimizer = make_optimizer(teacher, cfg)
+
+    def loss_with_fixed_negatives():
+        with torch.no_grad():
+            return teacher_matching_loss(teacher, batch, cfg, torch.Generator().manual_seed(1))
+
+    before = loss_with_fixed_negatives()
+    for _ in range(20):
+        out = teacher_matching_loss(teacher, batch, cfg)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(teacher.parameters(), cfg.grad_clip)
+        optimizer.step()
+    after = loss_with_fixed_negatives()
+    assert torch.isfinite(out["loss"]) and out["num_pairs"] > 8
+    assert after["loss"] < before["loss"] - 0.05
+    assert after["loss_match"] < before["loss_match"]
+    if mlm_weight:
+        assert after["loss_mlm"] < before["loss_mlm"]
