@@ -311,12 +311,18 @@ class MeterTeacher(CrossEncoder):
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.preprocess_images(pixel_values)
         tokens = self.image_to_fusion(self.image_tower(pixel_values))
-        return tokens + self.modality_embeddings.weight[IMAGE_TOKEN_TYPE]
+        return tokens + self._modality_embedding(IMAGE_TOKEN_TYPE, tokens)
 
     def text_tokens_for_fusion(self, input_ids, attention_mask) -> torch.Tensor:
         """[T, L, hidden]: text tower, projection to the fusion width, text token type."""
         tokens = self.text_to_fusion(self.text_tower(input_ids, attention_mask))
-        return tokens + self.modality_embeddings.weight[TEXT_TOKEN_TYPE]
+        return tokens + self._modality_embedding(TEXT_TOKEN_TYPE, tokens)
+
+    def _modality_embedding(self, token_type: int, like: torch.Tensor) -> torch.Tensor:
+        # Through the Embedding's forward rather than `.weight[...]`: a ZeRO-3 engine gathers a
+        # module's parameters in its forward hooks (teacher.py's contract); a bare weight access from
+        # the parent would rely on DeepSpeed noticing it some other way.
+        return self.modality_embeddings(torch.tensor([token_type], device=like.device))
 
     def fuse(self, image_tokens, text_tokens, text_keep) -> torch.Tensor:
         """Aligned rows -> [N, 2*hidden] = [text_pooled, image_pooled] (METER's cls_feats order)."""
