@@ -234,25 +234,38 @@ def embedding_cache_path(cache_dir, split: EvalSplit, student) -> Path:
     return Path(cache_dir) / f"{safe_name}-{split.fingerprint[:16]}-{model_fingerprint(student)[:16]}.pt"
 
 
+def embed_images(student, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised image embeddings [N, D] on CPU from uint8 pixels, in batches."""
+    device = _device_of(student)
+    with _evaluating(student):
+        return torch.cat([_unwrap(student).encode_image(
+            _pixels(student, pixels[start:start + batch_size], device)).float().cpu()
+            for start in range(0, pixels.shape[0], batch_size)])
+
+
+def embed_texts(student, captions: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised caption embeddings [N, D] on CPU, in batches of similar length, input order."""
+    device = _device_of(student)
+    order = _by_length(captions)
+    pieces = []
+    with _evaluating(student):
+        for start in range(0, len(order), batch_size):
+            batch = [captions[t] for t in order[start:start + batch_size]]
+            pieces.append(_unwrap(student).encode_text(*_tokens(student, batch, device)).float().cpu())
+    in_length_order = torch.cat(pieces)
+    texts = torch.empty_like(in_length_order)
+    texts[torch.tensor(order, dtype=torch.long)] = in_length_order
+    return texts
+
+
 def embed_split(student, split: EvalSplit, batch_size: int = 256, cache_dir=None) -> SplitEmbeddings:
     """Embed every image and caption once (batched), reading/writing a disk cache when given."""
     cache_path = embedding_cache_path(cache_dir, split, student) if cache_dir else None
     if cache_path is not None and cache_path.is_file():
         cached = torch.load(cache_path, map_location="cpu", weights_only=True)
         return SplitEmbeddings(cached["images"], cached["texts"], from_cache=True)
-    device = _device_of(student)
-    module = _unwrap(student)
-    with _evaluating(student):
-        images = torch.cat([module.encode_image(_pixels(student, split.pixels[start:start + batch_size],
-                                                        device)).float().cpu()
-                            for start in range(0, split.num_images, batch_size)])
-        order = _by_length(split.captions)
-        texts_sorted = []
-        for start in range(0, len(order), batch_size):
-            batch = [split.captions[t] for t in order[start:start + batch_size]]
-            texts_sorted.append(module.encode_text(*_tokens(student, batch, device)).float().cpu())
-        texts = torch.empty_like(torch.cat(texts_sorted))
-        texts[torch.tensor(order, dtype=torch.long)] = torch.cat(texts_sorted)
+    images = embed_images(student, split.pixels, batch_size)
+    texts = embed_texts(student, split.captions, batch_size)
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_path.with_suffix(f".tmp{os.getpid()}")
@@ -305,8 +318,8 @@ def gather_blocks(local: torch.Tensor, total: int, world_size: int) -> torch.Ten
 # Teacher
 
 
-def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 16,
-                      captions_per_chunk: int = 256, rank: Optional[int] = None,
+def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 8,
+                      captions_per_chunk: int = 128, rank: Optional[int] = None,
                       world_size: Optional[int] = None, progress: bool = True) -> torch.Tensor:
     """Score every (image, caption) pair: float [I, T] on CPU, the same on every rank.
 
@@ -348,7 +361,7 @@ def _grid(num_images: int, num_texts: int, device) -> Tuple[torch.Tensor, torch.
 
 
 def teacher_pair_scores(teacher, split: EvalSplit, image_index: torch.Tensor,
-                        caption_index: torch.Tensor, pairs_per_call: int = 4096,
+                        caption_index: torch.Tensor, pairs_per_call: int = 1024,
                         rank: Optional[int] = None, world_size: Optional[int] = None,
                         progress: bool = False) -> torch.Tensor:
     """Teacher scores of the listed (image, caption) pairs: float [P], the same on every rank.
@@ -422,7 +435,7 @@ class RerankResult:
 
 
 def rerank(scores: torch.Tensor, teacher, split: EvalSplit, k: int = 16,
-           pairs_per_call: int = 4096, rank: Optional[int] = None, world_size: Optional[int] = None,
+           pairs_per_call: int = 1024, rank: Optional[int] = None, world_size: Optional[int] = None,
            progress: bool = False, ks: Sequence[int] = RECALL_KS) -> RerankResult:
     """Student top-k per query in both directions, reordered by the teacher.
 
