@@ -13,8 +13,10 @@ encodes each image and each caption once; only the fusion layers run per pair.
 This module is imported lazily by `train/models/presets.py` (specs `meter-*`, folders whose config.json
 has backend "meter"). Public entry points:
     build_meter_teacher(spec_or_folder, tokenizer_dir=None) -> MeterTeacher
+        spec: meter-tiny | meter-clip16-roberta | PRESET:PATH.ckpt | PATH.ckpt | a saved folder
     load_meter_checkpoint(path) -> state dict in this backend's names
     map_meter_state_dict(meter_state_dict) -> state dict in this backend's names
+    meter_config_from_state_dict(mapped, base=None) -> MeterConfig (sizes read from the weights)
     meter_student_from_teacher(teacher, embed_dim=256) -> DualEncoder (the teacher's towers, no fusion)
 It also registers the student tower kinds `meter_image` and `meter_text` (student.py imports this
 module lazily for kinds starting with "meter").
