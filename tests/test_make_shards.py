@@ -125,7 +125,7 @@ def test_max_side_resizes_shorter_side(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_json", "missing_images", "not_json", "wrong_format", "no_tars",
-                                  "no_caption_column"])
+                                  "no_caption_column", "empty_table"])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     out = tmp_path / "out"
     bad = tmp_path / "bad.json"
@@ -143,6 +143,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     elif case == "no_tars":
         (tmp_path / "empty").mkdir()
         argv = ["--source", "img2dataset", "--input", tmp_path / "empty"]
+    elif case == "empty_table":
+        table = tmp_path / "empty.jsonl"
+        table.write_text("\n")
+        argv = ["--source", "csv", "--input", table, "--images", tmp_path]
     else:
         table = tmp_path / "t.tsv"
         table.write_text("image\twords\na.jpg\thello\n")
@@ -151,7 +155,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("make_shards: error:"), err
     named = {"missing_json": "nope.json", "missing_images": "no_such_dir", "not_json": "bad.json",
-             "wrong_format": "annotations", "no_tars": "empty", "no_caption_column": "caption"}[case]
+             "wrong_format": "annotations", "no_tars": "empty", "no_caption_column": "caption",
+             "empty_table": "empty.jsonl"}[case]
     assert named in err[0]
 
 

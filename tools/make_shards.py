@@ -360,6 +360,8 @@ def table_source(args) -> dict:
             captions[image].append(row.get(caption_col))
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text")
+    if not order:
+        raise InputError(f"{path}: no rows with an image path")
     units = [[Item(i, FileLoader(root / image), clean_captions(captions[image]),
                    {"dataset": path.name, "path": image}, name=image)]
              for i, image in enumerate(order)]

@@ -170,15 +170,16 @@ def choose_captions(objects: tuple, twin: tuple, rng: random.Random, n: int = 5,
 
     Captions longer than `max_words` are dropped: caption length dominates a cross-encoder's cost.
     """
-    true_here = [(t, c) for t, c in candidate_captions(objects, rng)
-                 if len(t.split()) <= max_words and claim_holds(c, objects)]
-    rng.shuffle(true_here)
+    candidates = candidate_captions(objects, rng)
+    rng.shuffle(candidates)
     seen, discriminative, others = set(), [], []
-    for text, claim in true_here:
-        if text in seen:
+    for text, claim in candidates:  # checked lazily: claims are the costly part of generation
+        if text in seen or len(text.split()) > max_words or not claim_holds(claim, objects):
             continue
         seen.add(text)
         (others if claim_holds(claim, twin) else discriminative).append(text)
+        if len(discriminative) == n:
+            break
     ranked = [(t, True) for t in discriminative] + [(t, False) for t in others]
     chosen = ranked[:n]
     while len(chosen) < n:  # tiny candidate sets: repeat rather than return fewer than n
@@ -269,15 +270,15 @@ def render(objects: tuple, look: dict, image_size: int = 64, noise: float = 4.0)
         r = cell * (0.40 if o.size == "large" else 0.24)
         slack = cell / 2 - r - 1  # jitter keeps the shape inside its cell, so relations stay true
         cx, cy = (col + 0.5) * cell + jx * slack * 0.8, (row + 0.5) * cell + jy * slack * 0.8
-        colour = tuple(int(np.clip(v + t, 0, 255)) for v, t in zip(COLOURS[o.colour], look["tint"][o.cell]))
+        colour = tuple(min(255, max(0, v + t)) for v, t in zip(COLOURS[o.colour], look["tint"][o.cell]))
         if o.shape == "circle":
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         else:
             draw.polygon(shape_polygon(o.shape, cx, cy, r), fill=colour)
-    pixels = np.asarray(img, dtype=np.int16)
-    if noise > 0:
-        rng = np.random.default_rng(look["noise_seed"])
-        pixels = pixels + rng.normal(0.0, noise, pixels.shape).astype(np.int16)
+    if noise <= 0:
+        return np.asarray(img, dtype=np.uint8)
+    rng = np.random.default_rng(look["noise_seed"])
+    pixels = np.asarray(img, dtype=np.float32) + rng.standard_normal((img.height, img.width, 3), dtype=np.float32) * noise
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import random
 import warnings
 import zlib
@@ -427,6 +428,8 @@ def make_train_loader(shards_dir, split: str, batch_size: int, image_size: int, 
     manifest = load_manifest(shards_dir, split)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers > 0:  # workers tokenise one batch each; a Rust thread pool per fork only fights them
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pipeline = wds.DataPipeline(
         partial(slot_samples, manifest["paths"], manifest["shard_counts"], rank, world_size, start_batch, seed),
         partial(group_units, twins_in_batch=twins_in_batch),
