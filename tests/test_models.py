@@ -190,6 +190,9 @@ def test_student_tiny_forward_backward_and_round_trip(tokenizer_dir, tmp_path):
     student = build_student("student-tiny", tokenizer_dir)
     assert abs(student.temperature_scale().item() - 1 / 0.07) < 1e-3
     pixels, tokens = check_student(student)
+    assert student.image_size == 64
+    *embeddings, scale = student(pixels, **tokens, return_scale=True)
+    assert len(embeddings) == 2 and scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
     student.save_pretrained(tmp_path / "student")
     loaded = DualEncoder.from_pretrained(tmp_path / "student")  # nothing from the trainer needed
     assert_same_student_outputs(student, loaded, pixels, tokens)

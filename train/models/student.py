@@ -283,6 +283,14 @@ class DualEncoder(nn.Module):
         """exp(logit_scale) clamped to max_logit_scale (100): multiply cosine similarities by it."""
         return self.temperature()
 
+    @property
+    def image_size(self):
+        return self.cfg["image_size"]
+
+    @property
+    def max_length(self):
+        return self.cfg["max_length"]
+
     # -- inputs
     def preprocess_images(self, pixels):
         return resize_and_normalize(pixels, self.cfg["image_size"], self.cfg["image_mean"],
@@ -298,8 +306,11 @@ class DualEncoder(nn.Module):
     def encode_text(self, input_ids, attention_mask):
         return F.normalize(self.text_proj(self.text_tower(input_ids, attention_mask)), dim=-1)
 
-    def forward(self, pixel_values, input_ids, attention_mask):
-        return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+    def forward(self, pixel_values, input_ids, attention_mask, return_scale=False):
+        """(image_emb, text_emb); with return_scale=True also the clamped exp(logit_scale), so a
+        trainer can take all three from one engine call (under ZeRO-3 that gathers them together)."""
+        embeddings = (self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask))
+        return (*embeddings, self.temperature_scale()) if return_scale else embeddings
 
     # -- persistence: loadable with nothing from the trainer
     def save_pretrained(self, folder):
@@ -345,7 +356,7 @@ def _hf_tokenizer(name_or_folder, tokenizer_dir):
     if not folder.is_dir():
         try:
             return load_tokenizer(name_or_folder)
-        except OSError:
+        except (OSError, ValueError):  # no tokenizer in that hub repo (or no hub): use the data one
             pass
     if tokenizer_dir is None:
         raise ValueError(f"{name_or_folder} has no tokenizer and no data tokenizer was given")

@@ -340,7 +340,7 @@ def teacher_matching_loss(teacher, batch, cfg, generator=None):
 
     loss_mlm = pair_logits.new_zeros(())
     mlm_acc = pair_logits.new_tensor(float("nan"))
-    if cfg.mlm_weight > 0 and model.has_masked_word_head:
+    if cfg.mlm_weight > 0 and getattr(model, "has_masked_word_head", False):
         batch_ids = tokens["input_ids"][: len(captions)]
         batch_mask = tokens["attention_mask"][: len(captions)]
         masked, labels = mask_words(batch_ids, batch_mask, model.tokenizer, cfg.mlm_probability, generator)
