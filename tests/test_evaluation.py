@@ -287,3 +287,58 @@ def test_embeddings_match_direct_encoding_and_restore_training_flag():
     direct = student.encode_text(**student.tokenize(split.captions[3:4]))
     assert torch.allclose(embeddings.texts[3], direct[0], atol=1e-6)
     assert embeddings.images.shape == (7, 8) and embeddings.texts.shape == (21, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# tools/evaluate.py end to end (tiny preset models, tiny shards made here)
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run([sys.executable, str(repo / "tools" / "make_shards.py"), "--source", "synthetic",
+                    "--out", str(out), "--train-images", "20", "--val-images", "0",
+                    "--test-images", "12"], check=True, capture_output=True, cwd=repo)
+    return out
+
+
+def last_json_line(text):
+    import json
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_evaluate_cli_student_and_rerank(tiny_shards, tmp_path, capsys):
+    from tools.evaluate import main
+    common = ["--shards", str(tiny_shards), "--split", "test", "--student", "student-tiny",
+              "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(common + ["--mode", "student", "--max-images", "8",
+                          "--tensorboard", str(tmp_path / "tb")]) == 0
+    result = last_json_line(capsys.readouterr().out)
+    for key in ("mode", "images", "captions", "tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10",
+                "rsum", "seconds", "binding_acc", "max_images_note"):
+        assert key in result, key
+    assert result["images"] == 8 and result["captions"] == 40
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+    assert main(common + ["--mode", "rerank", "--teacher", "film-tiny", "--rerank-k", "4"]) == 0
+    output = capsys.readouterr().out
+    result = last_json_line(output)
+    assert result["mode"] == "rerank" and result["images"] == 12 and "max_images_note" not in result
+    assert "NOTE" not in output and result["teacher_pairs"] <= (12 + 60) * 4
+    assert result["binding_acc"] == result["teacher_binding_acc"]
+
+
+def test_evaluate_cli_teacher_mode_and_bad_paths(tiny_shards, tmp_path, capsys):
+    from tools.evaluate import main
+    assert main(["--shards", str(tiny_shards), "--teacher", "film-tiny", "--mode", "teacher",
+                 "--max-images", "4", "--no-progress"]) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert result["mode"] == "teacher" and result["teacher_pairs"] == 4 * 20
+    assert main(["--shards", str(tmp_path / "missing"), "--student", "student-tiny"]) == 2
+    assert main(["--shards", str(tiny_shards), "--student", str(tmp_path / "no-model")]) == 2
+    assert main(["--shards", str(tiny_shards), "--mode", "rerank", "--student", "student-tiny"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("evaluate: ") for line in errors)
