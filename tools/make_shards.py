@@ -374,11 +374,11 @@ def img2dataset_members(tar_path: Path, counts: Counter) -> Iterator[tuple]:
     try:
         with tarfile.open(tar_path, "r") as tar:
             for member in tar:
-                if not member.isreg() or "." not in Path(member.name).name:
+                folder, base = os.path.split(member.name)
+                if not member.isreg() or "." not in base:
                     continue
-                key, ext = member.name.split(".", 1) if "/" not in member.name else \
-                    (member.name.rsplit("/", 1)[0] + "/" + member.name.rsplit("/", 1)[1].split(".", 1)[0],
-                     member.name.rsplit("/", 1)[1].split(".", 1)[1])
+                stem, ext = base.split(".", 1)  # webdataset convention: the key ends at the first dot
+                key = f"{folder}/{stem}" if folder else stem
                 if key != current and current is not None:
                     yield current, files
                     files = {}
