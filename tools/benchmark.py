@@ -315,6 +315,7 @@ def parse_args(argv=None):
     retrieval.add_argument("--repeats", type=int, default=3, help="repeats of the short timings (median)")
     retrieval.add_argument("--out", default="runs/benchmark", help="folder for retrieval.json/.png")
     retrieval.add_argument("--progress", action="store_true", help="progress bars for the teacher")
+    retrieval.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
     # The trainer's benchmark: per-step time breakdown of --stage distill vs --stage student on 2
     # ranks and the loader's throughput. Its options belong to whoever fills run_train_benchmark.
     commands.add_parser("train", help="per-step time of --stage distill vs --stage student (trainer)")
@@ -332,6 +333,8 @@ def run_retrieval_benchmark(args) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:
         manifest = read_manifest(args.shards, args.split)
+        # preset specs build untrained models: a fixed seed gives every run the same weights
+        torch.manual_seed(args.seed)
         tokenizer_dir = Path(args.shards) / "tokenizer"
         tokenizer_dir = str(tokenizer_dir) if tokenizer_dir.is_dir() else None
         student = build_student(args.student, tokenizer_dir)

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--captions-per-chunk", type=int, default=128, help="teacher all-pairs grid: captions")
     p.add_argument("--pairs-per-call", type=int, default=1024, help="teacher pairs per call (rerank)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
     return p.parse_args(argv)
 
 
@@ -236,6 +237,8 @@ def rounded(result: dict) -> dict:
 def load_inputs(args, device):
     """(split, manifest, student or None, teacher or None); raises OSError / ValueError on bad input."""
     from train.models.presets import build_student, build_teacher
+    # preset specs build untrained models: a fixed seed gives every rank (and every run) the same weights
+    torch.manual_seed(args.seed)
     if not Path(args.shards).is_dir():
         raise FileNotFoundError(f"no shards folder {args.shards}")
     manifest = read_manifest(args.shards, args.split)

@@ -309,6 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, help="pixel size of the shards' images "
                                                   "(default: the manifest's image_size)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
     return p.parse_args(argv)
 
 
@@ -338,6 +339,8 @@ def main(argv=None) -> int:
             return fail("--faiss needs the faiss package (pip install faiss-cpu); "
                         "without --faiss the exact matrix-product search is used")
         manifest = read_manifest(args.shards, args.split)
+        # preset specs build untrained models: a fixed seed gives every run the same weights
+        torch.manual_seed(args.seed)
         tokenizer_dir = Path(args.shards) / "tokenizer"
         tokenizer_dir = str(tokenizer_dir) if tokenizer_dir.is_dir() else None
         student = build_student(args.student, tokenizer_dir)
