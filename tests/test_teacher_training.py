@@ -13,16 +13,17 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), 
 
 
 def make_tokenizer(folder):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A word-level WordPiece tokenizer with a fixed vocabulary: trained vocabularies number their
+    tokens differently from process to process, which would make the training test's outcome vary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *COLOURS,
+             *"a square circle left right of above below".split()]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words = " ".join(COLOURS) + " a square circle left right of above below"
-    tok.train_from_iterator([words] * 10, trainers.WordPieceTrainer(vocab_size=60, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                             sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(folder))
     return str(folder)
@@ -125,8 +126,8 @@ def test_mask_words_masks_only_real_words(tokenizer_dir):
 
 
 @pytest.mark.parametrize("preset, mlm_weight", [("film-tiny", 0.0), ("film-tiny", 0.5), ("vilt-tiny", 0.5)])
-def test_matching_loss_decreases_over_a_few_steps(preset, mlm_weight, tokenizer_dir):
-    torch.manual_seed(0)
+def test_matching_loss_decreases_over_a_few_steps(preset, mlm_weight, tokenizer_dir, seed=0):
+    torch.manual_seed(seed)
     teacher = build_teacher(preset, tokenizer_dir)
     batch = twin_scene_batch(groups=4)
     cfg = TeacherTrainingConfig(lr=3e-3, mlm_weight=mlm_weight)
@@ -137,7 +138,7 @@ def test_matching_loss_decreases_over_a_few_steps(preset, mlm_weight, tokenizer_
             return teacher_matching_loss(teacher, batch, cfg, torch.Generator().manual_seed(1))
 
     before = loss_with_fixed_negatives()
-    for _ in range(20):
+    for _ in range(30):
         out = teacher_matching_loss(teacher, batch, cfg)
         optimizer.zero_grad()
         out["loss"].backward()
@@ -145,7 +146,7 @@ def test_matching_loss_decreases_over_a_few_steps(preset, mlm_weight, tokenizer_
         optimizer.step()
     after = loss_with_fixed_negatives()
     assert torch.isfinite(out["loss"]) and out["num_pairs"] > 8
-    assert after["loss"] < before["loss"] - 0.05
+    assert after["loss"] < before["loss"] - 0.1
     assert after["loss_match"] < before["loss_match"]
     if mlm_weight:
         assert after["loss_mlm"] < before["loss_mlm"]

@@ -211,13 +211,15 @@ class CaptionGRU(nn.Module):
 
 class FilmGenerator(nn.Module):
     """Caption vector -> (gamma, beta) for every FiLM block. Small init keeps 1+gamma near 1 and beta
-    near 0 at the start, so the blocks begin as plain residual conv blocks."""
+    near 0 at the start, so the blocks begin as plain residual conv blocks. Not too small: the
+    caption reaches the score only through these weights, and with std 0.01 training sat on a
+    plateau for 10-40 steps on a tiny batch (~120 steps on the scenes); 0.03 left it within ~20."""
 
     def __init__(self, in_dim, num_blocks, channels):
         super().__init__()
         self.num_blocks, self.channels = num_blocks, channels
         self.proj = nn.Linear(in_dim, num_blocks * 2 * channels)
-        nn.init.normal_(self.proj.weight, std=0.01)
+        nn.init.normal_(self.proj.weight, std=0.03)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, caption):
