@@ -55,9 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", help="cache student embeddings here (keyed by split and weights)")
     p.add_argument("--image-size", type=int, help="pixel size the shards are read at "
                                                   "(default: the manifest's image_size)")
-    p.add_argument("--images-per-chunk", type=int, default=8, help="teacher all-pairs grid: images")
-    p.add_argument("--captions-per-chunk", type=int, default=128, help="teacher all-pairs grid: captions")
-    p.add_argument("--pairs-per-call", type=int, default=1024, help="teacher pairs per call (rerank)")
+    p.add_argument("--images-per-chunk", type=int, default=4, help="teacher all-pairs grid: images")
+    p.add_argument("--captions-per-chunk", type=int, default=64, help="teacher all-pairs grid: captions")
+    p.add_argument("--pairs-per-call", type=int, default=256, help="teacher pairs per call (rerank)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
     return p.parse_args(argv)
