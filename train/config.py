@@ -18,8 +18,12 @@ from typing import Optional, get_args, get_origin, get_type_hints
 
 STAGES = ("distill", "student", "teacher")
 
-# The teacher the CPU pipeline distils from when none is named: the one `--stage teacher` writes.
-DEFAULT_TEACHER = "runs/teacher/teacher"
+# Where a run's stages write by default, and so the teacher distillation uses when none is named:
+# the one `--stage teacher` (and ./launch.sh) exports.
+DEFAULT_RUN = "runs/default"
+DEFAULT_OUT = {"teacher": f"{DEFAULT_RUN}/teacher", "student": f"{DEFAULT_RUN}/baseline",
+               "distill": f"{DEFAULT_RUN}/dcd"}
+DEFAULT_TEACHER = f"{DEFAULT_OUT['teacher']}/teacher"
 
 
 @dataclass
@@ -58,7 +62,7 @@ class DistillConfig:
 class TrainConfig:
     stage: str = "distill"
     ds: str = "ds_configs/zero2.json"
-    out: Optional[str] = None            # default runs/<stage name>
+    out: Optional[str] = None            # default runs/default/{teacher,baseline,dcd}
     steps: int = 600
     batch_size: Optional[int] = None     # per rank; overrides the ds config's micro batch
     lr: Optional[float] = None
@@ -201,7 +205,7 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     if t.warmup_steps is None:  # published recipe: 10% linear warm-up
         t.warmup_steps = max(1, t.steps // 10)
     if t.out is None:
-        t.out = {"teacher": "runs/teacher", "student": "runs/baseline", "distill": "runs/dcd"}[t.stage]
+        t.out = DEFAULT_OUT[t.stage]
     if m.teacher is None and t.stage in ("teacher", "distill"):
         m.teacher = "film-tiny" if t.stage == "teacher" else DEFAULT_TEACHER
     if m.teacher_zero is None:

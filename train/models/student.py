@@ -252,11 +252,13 @@ class Temperature(nn.Module):
 
     def __init__(self, init_temperature, max_scale):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # Shape [1], not a 0-dim scalar: DeepSpeed 0.19's initial parameter broadcast views every
+        # parameter as bytes, which fails for 0-dim tensors ("self.dim() cannot be 0").
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / init_temperature)]))
         self.max_log_scale = math.log(max_scale)
 
     def forward(self):
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+        return self.logit_scale.clamp(max=self.max_log_scale).exp().squeeze(0)
 
 
 class DualEncoder(nn.Module):
@@ -382,7 +384,7 @@ def _student_from_hf_dual(hf_model, vision_model, text_model, name_or_folder, to
     student.image_proj.load_state_dict(hf_model.visual_projection.state_dict())
     student.text_proj.load_state_dict(hf_model.text_projection.state_dict())
     with torch.no_grad():
-        student.logit_scale.copy_(hf_model.logit_scale.detach())
+        student.logit_scale.copy_(hf_model.logit_scale.detach().reshape(1))
     return student
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -74,10 +74,27 @@ def write_model_folder(model, folder, config, tokenizer):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    # save_model (not save_file) copes with tied/shared tensors
-    save_model(model, str(folder / WEIGHTS_NAME))
+    save_file(standalone_state_dict(model), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+
+
+def standalone_state_dict(model):
+    """The state dict with every tensor in its own storage, tied tensors saved once.
+
+    DeepSpeed ZeRO-1/2 turns parameters into views of one flat buffer, which safetensors'
+    save_model refuses ("None is covering the entire storage"); cloning each tensor fixes that.
+    Truly tied tensors (same data pointer and shape) keep only their first name; `load_model`
+    restores the tie on load.
+    """
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    return tensors
 
 
 def load_weights(model, folder):

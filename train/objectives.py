@@ -1,0 +1,205 @@
+"""What one training step computes, per stage: the model it trains, its loss, its validation, its export.
+
+- `teacher`: the cross-encoder fine-tuned with a matching loss over hard negatives.
+- `student`: the contrastive-only dual encoder (symmetric InfoNCE over the cross-rank pool).
+- `distill`: the dual encoder trained by DCD from a frozen teacher (ZeRO-3 inference engine).
+The loop in train/run.py is the same for all three; only these objects differ.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from train import engine as ds_engine
+from train.config import ConfigError, RunConfig
+from train.distill.dcd import DCDConfig, contrastive_loss, dcd_loss
+from train.distill.gather import SingleProcess, TorchDistributed
+from train.evaluation import embed_images, embed_texts, read_eval_split, teacher_binding_scores
+from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
+from train.models.presets import build_student, build_teacher
+from train.models.teacher_training import TeacherTrainingConfig, teacher_matching_loss
+
+
+def _to(batch: dict, dev) -> dict:
+    return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+def tokenizer_dir(cfg: RunConfig) -> Path | None:
+    folder = Path(cfg.data.shards) / "tokenizer"
+    return folder if folder.is_dir() else None
+
+
+def fixed_length(tokens: dict, length: int) -> dict:
+    """Pad or cut token tensors to `length` so every rank's tensors have one shape."""
+    out = {}
+    for key in ("input_ids", "attention_mask"):
+        t = tokens[key][:, :length]
+        if t.shape[1] < length:
+            t = torch.cat([t, t.new_zeros(t.shape[0], length - t.shape[1])], dim=1)
+        out[key] = t
+    return out
+
+
+class StudentObjective:
+    """Shared by `student` and `distill`: a DualEncoder under a DeepSpeed training engine."""
+
+    export_name = "student"
+
+    def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int, teacher=None):
+        self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        t = cfg.train
+        model = build_student(cfg.model.student, tokenizer_dir=tokenizer_dir(cfg), teacher=teacher)
+        self.model = model
+        self.engine = ds_engine.build_student_engine(
+            model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
+        self.comm = TorchDistributed() if world > 1 else SingleProcess()
+        self.data_tokenizer = model.tokenizer
+
+    def embed(self, batch: dict, timer):
+        with timer.section("student"):
+            pixel_values = self.model.preprocess_images(batch["pixels"])
+            return self.engine(pixel_values, batch["input_ids"], batch["attention_mask"],
+                               return_scale=True)
+
+    def forward(self, batch: dict, timer):
+        batch = _to(batch, self.dev)
+        image_emb, text_emb, scale = self.embed(batch, timer)
+        with timer.section("loss"):
+            loss, logs = contrastive_loss(image_emb, text_emb, scale, batch["image_ids"], self.comm)
+        return loss, _train_logs(logs, loss)
+
+    def export(self, out: Path, rank: int) -> None:
+        ds_engine.export_pretrained(self.model, out / self.export_name, rank)
+
+
+class DistillObjective(StudentObjective):
+    """DCD: the student proposes hard candidates from the pool, the frozen teacher ranks them."""
+
+    def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
+        teacher = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        super().__init__(cfg, ds, dev, rank, world, teacher=teacher)
+        self.teacher = teacher
+        self.teacher_engine = ds_engine.build_teacher_engine(teacher, ds, cfg.model.teacher_zero)
+        d = cfg.distill
+        self.dcd = DCDConfig(
+            candidates=d.candidates, hard_negatives=d.hard_negatives, alpha=d.alpha,
+            kd_temperature=d.kd_temperature, kd_loss=d.kd_loss, lambda_itc=d.lambda_itc,
+            weighting=d.weighting, directions=tuple(x.strip() for x in d.directions.split(",")),
+            distill_queries=d.distill_queries, negatives_from=d.negatives_from)
+        self.teacher_params_local = ds_engine.local_parameter_elements(teacher)
+        self.teacher_params_total = ds_engine.total_parameter_elements(teacher)
+
+    def forward(self, batch: dict, timer):
+        batch = _to(batch, self.dev)
+        image_emb, text_emb, scale = self.embed(batch, timer)
+        teacher_text = fixed_length(self.teacher.tokenize(batch["captions"]), self.cfg.data.max_length)
+        teacher_text = {k: v.to(self.dev) for k, v in teacher_text.items()}
+
+        def teacher_score(raw_images, raw_texts, image_index, text_index):
+            with timer.section("teacher"), torch.no_grad():
+                pixel_values = self.teacher.preprocess_images(raw_images)
+                return self.teacher_engine(pixel_values, raw_texts["input_ids"],
+                                           raw_texts["attention_mask"], image_index, text_index)
+
+        with timer.section("loss"):
+            loss, logs = dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["pixels"],
+                                  teacher_text, teacher_score, self.comm, self.dcd)
+        logs = _train_logs(logs, loss)
+        logs["train/teacher_params_local"] = float(self.teacher_params_local)
+        logs["train/teacher_params_total"] = float(self.teacher_params_total)
+        return loss, logs
+
+
+class TeacherObjective:
+    """Fine-tunes the cross-encoder (no pretrained teacher can be downloaded on our machines)."""
+
+    export_name = "teacher"
+
+    def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
+        self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        t = cfg.train
+        self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        self.engine = ds_engine.build_student_engine(
+            self.model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
+        self.loss_cfg = TeacherTrainingConfig()
+        self.data_tokenizer = self.model.tokenizer
+
+    def forward(self, batch: dict, timer):
+        batch = _to(batch, self.dev)
+        with timer.section("teacher"):
+            result = teacher_matching_loss(self.engine, batch, self.loss_cfg)
+        loss = result["loss"]
+        return loss, {f"train/{k}": v.detach() if isinstance(v, torch.Tensor) else v
+                      for k, v in result.items()}
+
+    def export(self, out: Path, rank: int) -> None:
+        ds_engine.export_pretrained(self.model, out / self.export_name, rank)
+
+
+def _train_logs(logs: dict, loss: torch.Tensor) -> dict:
+    out = {"train/loss": loss.detach()}
+    for key, value in logs.items():
+        if key == "weights":
+            out["train/weights"] = value
+        elif isinstance(value, torch.Tensor):
+            out[f"train/{key}"] = value.detach()
+        else:
+            out[f"train/{key}"] = value
+    return out
+
+
+def build_objective(cfg: RunConfig, ds: dict, dev, rank: int, world: int):
+    stage = cfg.train.stage
+    if stage == "teacher":
+        return TeacherObjective(cfg, ds, dev, rank, world)
+    if stage == "student":
+        return StudentObjective(cfg, ds, dev, rank, world)
+    teacher = cfg.model.teacher
+    if not (Path(teacher).exists() or _is_preset(teacher)):
+        raise ConfigError(
+            f"--teacher {teacher}: not found; train one first with "
+            f"`deepspeed --num_gpus 2 train/run.py --stage teacher --out runs/teacher` "
+            f"(or ./launch.sh), or name a preset or a saved folder")
+    return DistillObjective(cfg, ds, dev, rank, world)
+
+
+def _is_preset(spec: str) -> bool:
+    from train.models.presets import TEACHER_PRESETS
+    return spec in TEACHER_PRESETS
+
+
+# ----------------------------------------------------------------------------- validation
+
+_VAL_CACHE: dict = {}
+
+
+def _val_split(cfg: RunConfig):
+    key = (cfg.data.shards, cfg.data.val_split, cfg.train.eval_images, cfg.data.image_size)
+    if key not in _VAL_CACHE:
+        _VAL_CACHE[key] = read_eval_split(cfg.data.shards, cfg.data.val_split,
+                                          image_size=cfg.data.image_size,
+                                          max_images=cfg.train.eval_images)
+    return _VAL_CACHE[key]
+
+
+@torch.no_grad()
+def validate(objective, cfg: RunConfig) -> dict:
+    """val/* metrics on a small validation gallery.
+
+    Every rank computes the same numbers: with ZeRO-3 the parameters are partitioned, so all ranks
+    must run the same forward passes anyway, and a few hundred images cost well under a second.
+    """
+    split = _val_split(cfg)
+    if isinstance(objective, TeacherObjective):
+        own, twin = teacher_binding_scores(objective.model, split)
+        acc = binding_accuracy(own, twin)
+        return {} if acc is None else {"val/binding_acc": acc}
+    scores = embed_images(objective.model, split.pixels) @ embed_texts(objective.model, split.captions).t()
+    result = {f"val/{k}": float(v) for k, v in retrieval_metrics(scores, split.caption_image_index).items()}
+    acc = binding_accuracy_from_scores(scores, split.caption_image_index, split.twin_index)
+    if acc is not None:
+        result["val/binding_acc"] = acc
+    return result
