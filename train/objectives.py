@@ -43,6 +43,32 @@ def fixed_length(tokens: dict, length: int) -> dict:
     return out
 
 
+class TimedCollectives:
+    """Charges every collective of the loss to the step timer's `gather` section."""
+
+    def __init__(self, comm):
+        self.comm, self.timer = comm, None
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+    def _timed(self, name, *args, **kwargs):
+        with self.timer.section("gather"):
+            return getattr(self.comm, name)(*args, **kwargs)
+
+    def all_gather_with_grad(self, *args, **kwargs):
+        return self._timed("all_gather_with_grad", *args, **kwargs)
+
+    def all_gather_no_grad(self, *args, **kwargs):
+        return self._timed("all_gather_no_grad", *args, **kwargs)
+
+    def all_reduce_sum(self, *args, **kwargs):
+        return self._timed("all_reduce_sum", *args, **kwargs)
+
+    def all_to_all(self, *args, **kwargs):
+        return self._timed("all_to_all", *args, **kwargs)
+
+
 class StudentObjective:
     """Shared by `student` and `distill`: a DualEncoder under a DeepSpeed training engine."""
 
@@ -55,10 +81,11 @@ class StudentObjective:
         self.model = model
         self.engine = ds_engine.build_student_engine(
             model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
-        self.comm = TorchDistributed() if world > 1 else SingleProcess()
+        self.comm = TimedCollectives(TorchDistributed() if world > 1 else SingleProcess())
         self.data_tokenizer = model.tokenizer
 
     def embed(self, batch: dict, timer):
+        self.comm.timer = timer
         with timer.section("student"):
             pixel_values = self.model.preprocess_images(batch["pixels"])
             return self.engine(pixel_values, batch["input_ids"], batch["attention_mask"],

@@ -1,0 +1,143 @@
+"""The three stages for real: 2 CPU ranks under the `deepspeed` launcher on tiny shards.
+
+Checks what only a real run shows: exit codes, exported folders that load without the trainer,
+TensorBoard tags, the ZeRO-3 teacher's partition, and a kill -9 in the middle followed by
+`--resume latest` at the same step.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import make_synthetic_shards
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+pytestmark = pytest.mark.slow
+
+
+def ds_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def launch(args, timeout=300, **popen):
+    command = [DEEPSPEED, "--num_gpus", "2", "train/run.py", *args]
+    return subprocess.run(command, cwd=REPO, env=ds_env(), capture_output=True, text=True,
+                          timeout=timeout, **popen)
+
+
+def scalars(tb_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    out = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    out["__histograms__"] = acc.Tags()["histograms"]
+    return out
+
+
+def common(shards, out, steps, batch=8):
+    return ["--shards", str(shards), "--out", str(out), "--steps", str(steps), "--batch-size", str(batch),
+            "--log-every", "1", "--eval-every", str(steps), "--save-every", str(steps),
+            "--eval-images", "16", "--num-workers", "1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards") / "synthetic", train=256, val=16,
+                                 test=16, maxcount=32, tokenizer=True, image_size=32)
+
+
+@pytest.fixture(scope="module")
+def teacher(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    result = launch(["--stage", "teacher", *common(shards, out, 10), "--lr", "3e-3"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_teacher_stage_trains_and_exports(teacher):
+    from train.models.presets import build_teacher
+    assert (teacher / "config.json").is_file()
+    model = build_teacher(str(teacher / "teacher"))
+    assert model.backend == "film"
+    tb = scalars(teacher / "tb")
+    losses = [v for _, v in tb["train/loss"]]
+    assert len(losses) == 10 and all(map(lambda x: x == x, losses))
+    assert "val/binding_acc" in tb
+
+
+def test_student_stage_lowers_the_loss(shards, tmp_path):
+    result = launch(["--stage", "student", *common(shards, tmp_path, 16), "--lr", "3e-3"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tb = scalars(tmp_path / "tb")
+    losses = [v for _, v in tb["train/loss"]]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    assert {"train/lr", "train/samples_per_s", "val/tr_r1", "val/ir_r1", "val/rsum"} <= set(tb)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train"]["stage"] == "student" and saved["train"]["batch_size"] == 8
+    from train.models.student import DualEncoder
+    student = DualEncoder.from_pretrained(tmp_path / "student")
+    assert student.encode_text(**student.tokenize(["a red circle"])).shape[0] == 1
+
+
+def test_distill_with_zero3_teacher(shards, teacher, tmp_path):
+    result = launch(["--stage", "distill", *common(shards, tmp_path, 6), "--teacher",
+                     str(teacher / "teacher"), "--teacher-zero", "3", "--candidates", "6",
+                     "--hard-negatives", "3"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tb = scalars(tmp_path / "tb")
+    expected = {"train/loss", "train/loss_itc", "train/loss_kd", "train/loss_hard", "train/weight_mean",
+                "train/weight_std", "train/teacher_margin", "train/teacher_student_agreement",
+                "train/pool_size", "train/samples_per_s", "time/data", "time/student", "time/gather",
+                "time/teacher", "time/backward", "time/step", "train/bytes_moved",
+                "train/teacher_params_local", "val/rsum"}
+    assert expected <= set(tb), expected - set(tb)
+    assert "train/weights" in tb["__histograms__"]
+    assert tb["train/pool_size"][-1][1] == 16  # 2 ranks x 8
+    local = tb["train/teacher_params_local"][-1][1]
+    total = tb["train/teacher_params_total"][-1][1]
+    assert abs(local / total - 0.5) < 0.02, (local, total)  # ZeRO-3: each rank holds ~1/world
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_kill_minus_nine_then_resume_at_the_same_step(shards, teacher, tmp_path):
+    args = ["--stage", "distill", *common(shards, tmp_path, 400), "--save-every", "3",
+            "--eval-every", "1000", "--teacher", str(teacher / "teacher"), "--teacher-zero", "3",
+            "--candidates", "6", "--hard-negatives", "3"]
+    command = [DEEPSPEED, "--num_gpus", "2", "train/run.py", *args]
+    proc = subprocess.Popen(command, cwd=REPO, env=ds_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    latest = tmp_path / "checkpoints" / "latest"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (latest.is_file() and latest.read_text().strip() == "step6"):
+        time.sleep(0.5)
+    assert latest.is_file(), "no checkpoint written in time"
+    # kill -9 rank 1 (a grandchild of the launcher): the launcher must stop rank 0 and fail.
+    rank1 = subprocess.run(["pgrep", "-f", f"local_rank=1.*{tmp_path}"], capture_output=True,
+                           text=True).stdout.split()
+    assert rank1, "rank 1 not found"
+    os.kill(int(rank1[0]), signal.SIGKILL)
+    try:
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    saved_tag = latest.read_text().strip()
+    saved_step = int(saved_tag[4:])
+    assert saved_step >= 6
+
+    result = launch([*args, "--resume", "latest", "--steps", str(saved_step + 3)])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'} at step {saved_step}" in output
+    steps = [s for s, _ in scalars(tmp_path / "tb")["train/loss"]]
+    assert max(steps) == saved_step + 3  # the curve continues where the checkpoint was
