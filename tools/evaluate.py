@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs-per-call", type=int, default=256, help="teacher pairs per call (rerank)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
