@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--captions-per-chunk", type=int, default=64, help="teacher all-pairs grid: captions")
     p.add_argument("--pairs-per-call", type=int, default=256, help="teacher pairs per call (rerank)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json-out", help="also write the result JSON to this file (atomically)")
     p.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -290,6 +291,12 @@ def main(argv=None) -> int:
         if args.tensorboard:
             write_tensorboard(args.tensorboard, result, split, by_image, by_caption)
             print(f"tensorboard: metrics and picture grids written to {args.tensorboard}")
+        if args.json_out:
+            out = Path(args.json_out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, out)
         print(json.dumps(result), flush=True)
         return 0
     finally:

@@ -8,10 +8,12 @@ Stages: `teacher` fine-tunes the cross-encoder, `student` trains the contrastive
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/run.py` and the deepspeed launcher run it as a script
@@ -19,6 +21,10 @@ if __package__ in (None, ""):  # `python train/run.py` and the deepspeed launche
 
 import torch
 import torch.distributed as dist
+
+# DeepSpeed calls torch's all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 marks
+# deprecated: one warning per call and rank would bury the training log.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
 
 from train import engine as ds_engine
 from train.config import ConfigError, RunConfig, parse_config
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
     stop = StopRequest()
     batches = iter(loader)
     samples_since, clock = 0, time.perf_counter()
+    loop_start, overhead_s, start_step, metrics = time.perf_counter(), 0.0, step, {}
     log(rank, f"stage {t.stage}: {t.steps} steps, {world} rank(s) x batch {t.batch_size}, "
               f"ZeRO-{ds_engine.zero_stage(ds)}, out {out}")
 
@@ -136,22 +143,31 @@ def main(argv=None) -> int:
             monitor.scalars(step, scalars)
             if "train/weights" in logs:
                 monitor.histogram(step, "train/weights", logs["train/weights"])
-            log(rank, f"step {step}/{t.steps} loss {float(loss):.4f} "
+            log(rank, f"step {step}/{t.steps} loss {loss.item():.4f} "
                       f"{scalars['train/samples_per_s']:.0f} samples/s")
             samples_since, clock = 0, time.perf_counter()
+        aside = time.perf_counter()  # validation and checkpoints are not training time
         if step % t.eval_every == 0 or step == t.steps:
             metrics = validate(objective, cfg)
             monitor.scalars(step, metrics)
             log(rank, "val " + " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items()))
         if step % t.save_every == 0 or step == t.steps:
             save()
+        overhead_s += time.perf_counter() - aside
         if stop.agreed(dev):
             save()
             log(rank, f"stop requested: checkpoint saved at step {step}; resume with --resume latest")
             return finish(monitor, 0)
 
     objective.export(out, rank)
-    log(rank, f"done: exported {objective.export_name} to {out / objective.export_name}")
+    train_s = time.perf_counter() - loop_start - overhead_s
+    if rank == 0:
+        write_summary(out / "train_summary.json", stage=t.stage, steps=step, steps_this_run=step - start_step,
+                      world_size=world, batch_per_rank=t.batch_size, train_seconds=round(train_s, 2),
+                      seconds_per_step=round(train_s / max(1, step - start_step), 4),
+                      skipped_steps=skipped_steps, final_val=metrics)
+    log(rank, f"done: exported {objective.export_name} to {out / objective.export_name} "
+              f"({train_s:.0f} s of training)")
     return finish(monitor, 0)
 
 
@@ -160,6 +176,13 @@ def loader_skip_counts(loader) -> dict:
     counts = {f"data/skipped_{reason}": float(n) for reason, n in loader.skipped.items()}
     counts["data/skipped"] = float(sum(loader.skipped.values()))
     return counts
+
+
+def write_summary(path: Path, **values) -> None:
+    """Steps, training seconds and the last validation, for tools that compare runs (ablate, pipeline)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def finish(monitor: Monitor, code: int) -> int:
