@@ -22,9 +22,11 @@ if __package__ in (None, ""):  # `python train/run.py` and the deepspeed launche
 import torch
 import torch.distributed as dist
 
-# DeepSpeed calls torch's all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 marks
-# deprecated: one warning per call and rank would bury the training log.
+# torch 2.13 marks all_gather_into_tensor / reduce_scatter_tensor (called by DeepSpeed) and the
+# autograd all_gather of torch.distributed.nn (whose replacement is private) deprecated: one warning
+# per call and rank would bury the training log.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 from train import engine as ds_engine
 from train.config import ConfigError, RunConfig, parse_config
