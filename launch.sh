@@ -55,7 +55,9 @@ if [ "$TENSORBOARD" = "1" ]; then
 fi
 
 if [ ${#TRAIN_ARGS[@]} -gt 0 ]; then
-  # One stage, as users type it: everything else goes to train/run.py.
+  # One stage, as users type it: everything else goes to train/run.py. Bad flags, configs or data
+  # are reported in one line here, before the launcher spawns any rank.
+  python -m train.preflight --ranks "$RANKS" "${TRAIN_ARGS[@]}"
   exec "${DS_LAUNCH[@]}" train/run.py "${TRAIN_ARGS[@]}"
 fi
 
