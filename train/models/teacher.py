@@ -176,20 +176,24 @@ class CrossEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # FiLM backend: the CPU teacher (PLATFORM_NOTES: learns the synthetic binding in CPU minutes)
 
-def conv_relu(in_channels, out_channels, stride):
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
-                         nn.ReLU(inplace=True))
+def conv_relu(in_channels, out_channels, stride, norm="none"):
+    conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+    if norm == "none":
+        return nn.Sequential(conv, nn.ReLU(inplace=True))
+    if norm == "batch":
+        return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    raise ValueError(f"unknown FiLM stem norm {norm!r} (expected none or batch)")
 
 
 class CoordinateStem(nn.Module):
     """Image-only stem, run once per unique image: RGB + (x, y) coordinate channels -> 8x8 x 64 at 64 px.
     The coordinate channels let later layers tell left from right and top from bottom."""
 
-    def __init__(self, channels=(32, 32, 64, 64), strides=(2, 1, 2, 2)):
+    def __init__(self, channels=(32, 32, 64, 64), strides=(2, 1, 2, 2), norm="none"):
         super().__init__()
         layers, in_channels = [], 5
         for out_channels, stride in zip(channels, strides):
-            layers.append(conv_relu(in_channels, out_channels, stride))
+            layers.append(conv_relu(in_channels, out_channels, stride, norm))
             in_channels = out_channels
         self.layers = nn.Sequential(*layers)
         self.out_channels = in_channels
@@ -232,33 +236,74 @@ class FilmGenerator(nn.Module):
     caption reaches the score only through these weights, and with std 0.01 training sat on a
     plateau for 10-40 steps on a tiny batch (~120 steps on the scenes); 0.03 left it within ~20."""
 
-    def __init__(self, in_dim, num_blocks, channels):
+    def __init__(self, in_dim, num_blocks, channels, init_std=0.03):
         super().__init__()
         self.num_blocks, self.channels = num_blocks, channels
         self.proj = nn.Linear(in_dim, num_blocks * 2 * channels)
-        nn.init.normal_(self.proj.weight, std=0.03)
+        nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, caption):
         return self.proj(caption).view(-1, self.num_blocks, 2, self.channels)
 
 
+def make_block_norm(kind, channels):
+    if kind == "group":
+        return nn.GroupNorm(8, channels, affine=False)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels, affine=False)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown FiLM block norm {kind!r} (expected group, batch or none)")
+
+
+class ConvNorm(nn.Conv2d):
+    """3x3 conv, then a normalisation without affine. In eval mode a BatchNorm is folded into the
+    conv's weights (one op instead of two). A subclass of Conv2d so that the weights stay where
+    they were (`blocks.i.conv.weight`) and a ZeRO-3 engine gathers them in this module's own hook."""
+
+    def __init__(self, channels, norm="batch"):
+        super().__init__(channels, channels, 3, padding=1)
+        self.norm = make_block_norm(norm, channels)
+
+    def forward(self, x):
+        norm = self.norm
+        if (isinstance(norm, nn.BatchNorm2d) and not self.training and not norm.training
+                and norm.running_mean is not None):
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            weight = self.weight * scale[:, None, None, None]
+            bias = (self.bias - norm.running_mean) * scale
+            return self._conv_forward(x, weight, bias)
+        return norm(super().forward(x))
+
+
 class FilmBlock(nn.Module):
     """Residual block of the FiLM paper: 1x1 conv, 3x3 conv, normalisation without affine, then the
-    caption's (1 + gamma) * x + beta, ReLU, residual. GroupNorm (not BatchNorm) keeps every pair's
-    score independent of what else is in the batch, in training and in inference alike."""
+    caption's scale * x + shift (scale = 1 + gamma), ReLU, residual.
 
-    def __init__(self, channels):
+    BatchNorm by default, as in the FiLM paper: it learned the binding a little faster than
+    GroupNorm(8) here (62.6 vs 60.3% twin accuracy at step 300, same recipe otherwise) and folds into
+    the conv in eval mode. Only training-mode scores depend on the batch; every use of a trained
+    teacher (validation, distillation, evaluation) runs in eval mode on the running statistics, so
+    each pair's score is independent of what else is scored with it. `block_norm="group"` remains.
+
+    Everything before the modulation depends on the image alone: given `index`, `x` holds one row
+    per unique image and the block computes that part once per image, then expands it to the pairs
+    (the first block of a pair-scoring call; later blocks get one row per pair)."""
+
+    def __init__(self, channels, norm="batch"):
         super().__init__()
         self.conv_in = nn.Conv2d(channels, channels, 1)
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.norm = nn.GroupNorm(8, channels, affine=False)
+        self.conv = ConvNorm(channels, norm)
 
-    def forward(self, x, gamma, beta):
-        h = F.relu(self.conv_in(x))
-        h = self.norm(self.conv(h))
-        h = (1 + gamma[:, :, None, None]) * h + beta[:, :, None, None]
-        return x + F.relu(h)
+    def forward(self, x, scale, shift, index=None):
+        h = self.conv(F.relu(self.conv_in(x)))
+        if index is not None:  # index_select: several times faster than x[index] on CPU
+            x, h = x.index_select(0, index), h.index_select(0, index)
+        h = F.relu(torch.addcmul(shift, h, scale), inplace=True)
+        if torch.is_grad_enabled():
+            return x + h
+        return h.add_(x)
 
 
 class FilmHead(nn.Module):
@@ -298,7 +343,7 @@ class MaskedWordHead(nn.Module):
 FILM_DEFAULTS = dict(image_size=64, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
                      max_length=40, stem_channels=[32, 32, 64, 64], stem_strides=[2, 1, 2, 2],
                      num_blocks=4, word_dim=64, gru_hidden=128, head_channels=128, head_hidden=128,
-                     masked_word_head=True)
+                     masked_word_head=True, block_norm="batch", stem_norm="batch", film_init_std=0.03)
 
 
 class FilmCrossEncoder(CrossEncoder):
@@ -314,12 +359,13 @@ class FilmCrossEncoder(CrossEncoder):
         cfg["vocab_size"] = cfg.get("vocab_size") or len(tokenizer)
         cfg["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.cfg = cfg
-        self.stem = CoordinateStem(cfg["stem_channels"], cfg["stem_strides"])
+        self.stem = CoordinateStem(cfg["stem_channels"], cfg["stem_strides"], cfg["stem_norm"])
         channels = self.stem.out_channels
         self.caption_encoder = CaptionGRU(cfg["vocab_size"], cfg["word_dim"], cfg["gru_hidden"],
                                           cfg["pad_token_id"])
-        self.film = FilmGenerator(self.caption_encoder.out_dim, cfg["num_blocks"], channels)
-        self.blocks = nn.ModuleList(FilmBlock(channels) for _ in range(cfg["num_blocks"]))
+        self.film = FilmGenerator(self.caption_encoder.out_dim, cfg["num_blocks"], channels,
+                                  cfg["film_init_std"])
+        self.blocks = nn.ModuleList(FilmBlock(channels, cfg["block_norm"]) for _ in range(cfg["num_blocks"]))
         self.head = FilmHead(channels, cfg["head_channels"], cfg["head_hidden"])
         self.word_head = (MaskedWordHead(self.caption_encoder.out_dim, self.head.pooled_dim,
                                          cfg["vocab_size"]) if cfg["masked_word_head"] else None)
@@ -328,17 +374,23 @@ class FilmCrossEncoder(CrossEncoder):
     def has_masked_word_head(self):
         return self.word_head is not None
 
-    def _fused_features(self, image_features, film_params):
-        x = image_features
+    def _fused_features(self, image_features, film_params, image_index, text_index):
+        """FiLM blocks over the pairs (image_index[n], text_index[n]): the stem features and FiLM
+        vectors come once per unique image / caption; the first block's pre-modulation convs run
+        per image; only the modulated part onwards runs per pair."""
+        params = film_params.index_select(0, text_index)               # [N, blocks, 2, C]
+        scale = (params[:, :, 0] + 1.0)[..., None, None]               # [N, blocks, C, 1, 1]
+        shift = params[:, :, 1][..., None, None]
+        x = image_features.contiguous(memory_format=torch.channels_last)
         for i, block in enumerate(self.blocks):
-            x = block(x, film_params[:, i, 0], film_params[:, i, 1])
+            x = block(x, scale[:, i], shift[:, i], image_index if i == 0 else None)
         return x
 
     def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
         image_features = self.stem(pixel_values)                      # [I, C, 8, 8]
         _, caption = self.caption_encoder(input_ids, attention_mask)  # [T, 2H]
         film_params = self.film(caption)                              # [T, blocks, 2, C]
-        fused = self._fused_features(image_features[image_index], film_params[text_index])
+        fused = self._fused_features(image_features, film_params, image_index, text_index)
         logits, _ = self.head(fused)
         return logits
 
@@ -346,7 +398,8 @@ class FilmCrossEncoder(CrossEncoder):
         if self.word_head is None:
             raise NotImplementedError("this FiLM teacher was built without a masked-word head")
         token_states, caption = self.caption_encoder(input_ids, attention_mask)
-        fused = self._fused_features(self.stem(pixel_values), self.film(caption))
+        index = torch.arange(input_ids.shape[0], device=input_ids.device)
+        fused = self._fused_features(self.stem(pixel_values), self.film(caption), index, index)
         _, pooled = self.head(fused)
         return self.word_head(token_states, pooled)
 
