@@ -150,3 +150,46 @@ def test_matching_loss_decreases_over_a_few_steps(preset, mlm_weight, tokenizer_
     assert after["loss_match"] < before["loss_match"]
     if mlm_weight:
         assert after["loss_mlm"] < before["loss_mlm"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the FiLM teacher's fast pair scoring (stem once per image, first block's convs once per image,
+# folded BatchNorm in eval mode) gives the scores of the plain per-pair computation
+
+def _film_reference_scores(teacher, pixels, input_ids, attention_mask, image_index, text_index):
+    """Everything per pair, the FiLM block written out as in the FiLM paper."""
+    import torch.nn.functional as F
+    x = teacher.stem(pixels)[image_index]
+    _, caption = teacher.caption_encoder(input_ids, attention_mask)
+    params = teacher.film.proj(caption).view(caption.shape[0], len(teacher.blocks), 2, -1)[text_index]
+    for i, block in enumerate(teacher.blocks):
+        h = F.relu(block.conv_in(x))
+        h = block.conv.norm(F.conv2d(h, block.conv.weight, block.conv.bias, padding=1))
+        h = (1 + params[:, i, 0, :, None, None]) * h + params[:, i, 1, :, None, None]
+        x = x + F.relu(h)
+    return teacher.head(x)[0]
+
+
+@pytest.mark.parametrize("block_norm", ["batch", "group"])
+def test_film_fast_scoring_equals_per_pair_reference(block_norm, tokenizer_dir):
+    from train.models.presets import TEACHER_PRESETS
+    from train.models.teacher import FilmCrossEncoder, load_tokenizer
+    torch.manual_seed(0)
+    config = {k: v for k, v in TEACHER_PRESETS["film-tiny"].items() if k != "backend"}
+    teacher = FilmCrossEncoder(dict(config, block_norm=block_norm), load_tokenizer(tokenizer_dir))
+    batch = twin_scene_batch(groups=3)
+    pixels = teacher.preprocess_images(batch["pixels"])
+    tokens = teacher.tokenize(batch["captions"])
+    image_index = torch.tensor([0, 0, 1, 5, 5, 2, 3, 4, 0])
+    text_index = torch.tensor([0, 1, 1, 4, 5, 2, 3, 0, 5])
+    args = (pixels, tokens["input_ids"], tokens["attention_mask"], image_index, text_index)
+    with torch.no_grad():  # non-trivial running statistics, and FiLM vectors far from zero
+        for _ in range(3):
+            teacher(*args)
+        teacher.film.proj.weight.mul_(10)
+    teacher.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(*args), _film_reference_scores(teacher, *args),
+                                   atol=1e-5, rtol=1e-4)
+    # with autograd (the training path) too
+    torch.testing.assert_close(teacher(*args), _film_reference_scores(teacher, *args), atol=1e-5, rtol=1e-4)
