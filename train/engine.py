@@ -124,7 +124,7 @@ def teacher_ds_config(student_ds: dict, stage: int) -> dict:
         "zero_optimization": {"stage": stage},
         "steps_per_print": 1_000_000_000,
     }
-    for precision in ("bf16", "fp16"):
+    for precision in ("bf16", "fp16", "torch_autocast"):  # torch_autocast: bf16 compute, fp32 weights
         if precision in student_ds:
             ds[precision] = copy.deepcopy(student_ds[precision])
     if stage == 3:
@@ -223,6 +223,14 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     import torch.distributed as dist
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
+    if latest_tag(ckpt_dir) == tag:
+        # This step is already saved, complete (a stop request or a bad-step stop right after a
+        # periodic save): never rewrite in place the checkpoint `latest` names.
+        return tag
+    if engine.global_rank == 0 and (ckpt_dir / tag).exists():
+        shutil.rmtree(ckpt_dir / tag)  # what a save that crashed at this step left behind
+    if dist.is_initialized():
+        dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if dist.is_initialized():
         dist.barrier()
