@@ -25,9 +25,13 @@ while [ $# -gt 0 ]; do
     --ranks) RANKS="$2"; shift ;;
     --tensorboard) TENSORBOARD=1 ;;
     --tensorboard-port) TB_PORT="$2"; shift ;;
-    # The deepspeed launcher's own multi-node options.
-    --hostfile|--num_nodes|--num-nodes|--master_addr|--master_port|--include|--exclude|--launcher)
-      LAUNCHER_ARGS+=("${1//-nodes/_nodes}" "$2"); shift ;;
+    # The deepspeed launcher's own multi-node options (docs/scale_out.md), --a-b spelled --a_b for it.
+    --hostfile|--num_nodes|--num-nodes|--master_addr|--master-addr|--master_port|--master-port|\
+    --include|--exclude|--launcher|--launcher_args|--launcher-args|--ssh_port|--ssh-port|\
+    --node_rank|--node-rank|--venv_script|--venv-script)
+      flag="${1#--}"; LAUNCHER_ARGS+=("--${flag//-/_}" "$2"); shift ;;
+    --no_ssh|--no-ssh|--no_ssh_check|--no-ssh-check|--force_multi|--force-multi)
+      flag="${1#--}"; LAUNCHER_ARGS+=("--${flag//-/_}") ;;
     --help|-h) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) TRAIN_ARGS+=("$1") ;;
   esac
@@ -38,13 +42,15 @@ source scripts/setup.sh
 
 # CPU ranks: split the cores between them, one OpenMP thread pool each (PLATFORM_NOTES: 2 threads per
 # rank on 2 cores made a small model 10x slower). On CUDA, the launcher uses every GPU by default.
+# $DEEPSPEED: the launcher executable (default: the venv's `deepspeed`; tests put a recorder here).
+DEEPSPEED_BIN="${DEEPSPEED:-deepspeed}"
 HAS_CUDA=$(python -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$HAS_CUDA" = "1" ]; then
-  DS_LAUNCH=(deepspeed "${LAUNCHER_ARGS[@]}")
+  DS_LAUNCH=("$DEEPSPEED_BIN" "${LAUNCHER_ARGS[@]}")
 else
   CORES=$(nproc)
   export OMP_NUM_THREADS=$(( CORES / RANKS > 0 ? CORES / RANKS : 1 ))
-  DS_LAUNCH=(deepspeed --num_gpus "$RANKS" "${LAUNCHER_ARGS[@]}")
+  DS_LAUNCH=("$DEEPSPEED_BIN" --num_gpus "$RANKS" "${LAUNCHER_ARGS[@]}")
 fi
 
 if [ "$TENSORBOARD" = "1" ]; then
@@ -57,7 +63,7 @@ fi
 if [ ${#TRAIN_ARGS[@]} -gt 0 ]; then
   # One stage, as users type it: everything else goes to train/run.py. Bad flags, configs or data
   # are reported in one line here, before the launcher spawns any rank.
-  python -m train.preflight --ranks "$RANKS" "${TRAIN_ARGS[@]}"
+  if [ -f train/preflight.py ]; then python -m train.preflight --ranks "$RANKS" "${TRAIN_ARGS[@]}"; fi
   exec "${DS_LAUNCH[@]}" train/run.py "${TRAIN_ARGS[@]}"
 fi
 
