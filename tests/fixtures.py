@@ -167,3 +167,12 @@ def write_manifest(folder: Path, split: str, shards: list, counts: list) -> None
     (folder / f"{split}.json").write_text(json.dumps(
         {"split": split, "shards": shards, "shard_counts": counts, "num_samples": sum(counts),
          "num_captions": sum(counts), "skipped": {}}))
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for the launcher's --master_port: tests that run beside other
+    distributed jobs (or each other) must not all take DeepSpeed's default 29500."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_synthetic_shards
+from tests.fixtures import free_port, make_synthetic_shards
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -29,7 +29,7 @@ def ds_env():
 
 
 def launch(args, timeout=300, **popen):
-    command = [DEEPSPEED, "--num_gpus", "2", "train/run.py", *args]
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]
     return subprocess.run(command, cwd=REPO, env=ds_env(), capture_output=True, text=True,
                           timeout=timeout, **popen)
 
@@ -112,7 +112,7 @@ def test_kill_minus_nine_then_resume_at_the_same_step(shards, teacher, tmp_path)
     args = ["--stage", "distill", *common(shards, tmp_path, 400), "--save-every", "3",
             "--eval-every", "1000", "--teacher", str(teacher / "teacher"), "--teacher-zero", "3",
             "--candidates", "6", "--hard-negatives", "3"]
-    command = [DEEPSPEED, "--num_gpus", "2", "train/run.py", *args]
+    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]
     proc = subprocess.Popen(command, cwd=REPO, env=ds_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     latest = tmp_path / "checkpoints" / "latest"

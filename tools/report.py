@@ -95,9 +95,13 @@ def render(results: dict) -> str:
 def write_results(run: Path, times: dict | None = None) -> str:
     run = Path(run)
     results = collect(run, times)
+    # Steps skipped this time keep the times measured when they ran.
     old = _read(run / "results.json")
-    if old and not times:  # a re-render keeps the step times the pipeline measured
-        results["times"] = old.get("times", {})
+    merged = {k: v for k, v in (old or {}).get("times", {}).items() if k != "total"}
+    merged.update({k: v for k, v in (times or {}).items() if k != "total"})
+    if merged:
+        merged["total"] = round(sum(merged.values()), 1)
+    results["times"] = merged
     text = render(results)
     (run / "results.md").write_text(text)
     (run / "results.json").write_text(json.dumps(results, indent=2) + "\n")
