@@ -55,6 +55,11 @@ class SampleError(Exception):
     """One corrupt sample; `args[0]` is the reason it is counted under."""
 
 
+# Every reason a sample is counted under (ranks sum their counts in this order).
+SKIP_REASONS = ("damaged_shard", "bad_json", "bad_text", "empty_caption", "missing_image", "bad_image",
+                "bad_image_size")
+
+
 # ---------------------------------------------------------------- manifests and tokenizers
 
 def load_manifest(shards_dir, split: str) -> dict:
@@ -348,12 +353,19 @@ def skip_and_flatten(batches, start_batch: int, rank: int, world_size: int):
 
 
 def decode_train(samples, image_size: int, seed: int):
+    good_pass = None  # pass of the last decodable sample
     for raw in samples:
         try:
             s = decode_sample(raw, image_size)
         except SampleError as e:
             _worker_skips[e.args[0]] += 1
+            if good_pass is None:
+                good_pass = raw["__pass__"]
+            if raw["__pass__"] >= good_pass + 2:  # a whole pass with nothing readable: fail, never hang
+                raise DataError(f"no readable sample in this loader slot's shards for a whole pass "
+                                f"(skipped so far: {dict(_worker_skips)})")
             continue
+        good_pass = raw["__pass__"]
         s["caption"] = pick_caption(s["captions"], s["key"], seed, raw["__pass__"])
         yield s
 
@@ -376,6 +388,15 @@ def collate_train(samples, batch_size: int, tokenizer=None, max_length: int = 32
         batch["skipped"] = dict(_worker_skips)
         _worker_skips.clear()
         yield batch
+
+
+def _leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM / SIGINT. A launcher stopping a run signals the whole process
+    tree (deepspeed's launch.py terminates each rank's children too); a worker that died of it would
+    make the rank raise before it could save. The rank saves and exits, and shuts its workers down."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TrainLoader:
@@ -442,7 +463,8 @@ def make_train_loader(shards_dir, split: str, batch_size: int, image_size: int, 
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers,
                            prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                           persistent_workers=num_workers > 0)
+                           persistent_workers=num_workers > 0,
+                           worker_init_fn=_leave_stop_signals_to_the_rank if num_workers > 0 else None)
     return TrainLoader(loader, batches_per_epoch, start_batch)
 
 
@@ -467,6 +489,7 @@ def iterate_eval(shards_dir, split: str, batch_size: int, image_size: int, rank:
     total = sum(counts) if max_images is None else min(max_images, sum(counts))
     mine = eval_range(total, rank, world_size)
     skips = skipped if skipped is not None else Counter()
+    before = Counter(skips)
     chunk, start = [], 0
     for path, count in zip(manifest["paths"], counts):
         end = start + count
@@ -488,6 +511,10 @@ def iterate_eval(shards_dir, split: str, batch_size: int, image_size: int, rank:
         start = end
     if chunk:
         yield collate_eval(chunk)
+    mine_skipped = skips - before
+    if mine_skipped:
+        log.warning("eval %s: skipped %d corrupt samples (%s)", split, sum(mine_skipped.values()),
+                    ", ".join(f"{reason} {n}" for reason, n in sorted(mine_skipped.items())))
 
 
 def collate_eval(samples: list) -> dict:
