@@ -5,6 +5,11 @@
 
 Stages: `teacher` fine-tunes the cross-encoder, `student` trains the contrastive-only baseline,
 `distill` (default) trains the student by Dynamic Contrastive Distillation from a frozen teacher.
+
+Exit codes: 0 done, or stopped on request (SIGTERM / SIGINT to a rank or its launcher's process
+tree, or the launcher gone) after saving a checkpoint: `--resume latest` continues; 2 a bad flag,
+config, data folder or model spec (one line `error: ...`, before any training); 3 `--max-bad-steps`
+non-finite losses in a row (a checkpoint of the last good state is saved).
 """
 from __future__ import annotations
 
@@ -30,28 +35,67 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 
 from train import engine as ds_engine
 from train.config import ConfigError, RunConfig, parse_config
-from train.data import DataError, load_tokenizer, make_train_loader
+from train.data import SKIP_REASONS, DataError, load_tokenizer, make_train_loader
 from train.monitor import Monitor, StepTimer
 from train.objectives import build_objective, validate
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step.
+
+    Under a launcher (LOCAL_RANK set), the launcher's disappearance counts as a stop request too.
+    DeepSpeed 0.19.8's `deepspeed` command installs no SIGTERM handler for local runs: SIGTERM to it
+    (a scheduler cancelling the job) kills it alone and its child `deepspeed.launcher.launch` and the
+    ranks run on, orphaned. So each rank remembers its parent (and, when the parent is
+    deepspeed.launcher.launch, the parent's parent) and stops when either is gone.
+    """
 
     def __init__(self):
         self.requested = False
+        self.reason = ""
         signal.signal(signal.SIGTERM, self._handler)
         signal.signal(signal.SIGINT, self._handler)
+        self._parent = os.getppid() if "LOCAL_RANK" in os.environ else None
+        self._grandparent = _deepspeed_runner_pid(self._parent) if self._parent else None
 
     def _handler(self, signum, frame):
         self.requested = True
+        self.reason = signal.Signals(signum).name
+
+    def launcher_gone(self) -> bool:
+        if self._parent is None:
+            return False
+        if os.getppid() != self._parent:
+            return True
+        if self._grandparent is None:
+            return False
+        try:
+            import psutil
+            return psutil.Process(self._parent).ppid() != self._grandparent
+        except Exception:
+            return True
 
     def agreed(self, dev) -> bool:
         """True on every rank when any rank was asked to stop (they must all save together)."""
+        if not self.requested and self.launcher_gone():
+            self.requested, self.reason = True, "launcher gone"
         flag = torch.tensor([1.0 if self.requested else 0.0], device=dev)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+def _deepspeed_runner_pid(parent: int) -> int | None:
+    """The `deepspeed` command's pid when `parent` is its deepspeed.launcher.launch child."""
+    try:
+        import psutil
+        launcher = psutil.Process(parent)
+        if "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
+            return None
+        runner = launcher.parent()
+        return runner.pid if runner is not None and "deepspeed" in " ".join(runner.cmdline()) else None
+    except Exception:
+        return None
 
 
 def all_finite(loss: torch.Tensor) -> bool:
@@ -76,13 +120,19 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")  # the resolved config, beside checkpoints and logs
 
-    objective = build_objective(cfg, ds, dev, rank, world)
+    try:
+        objective = build_objective(cfg, ds, dev, rank, world)
+    except (ConfigError, DataError):
+        raise
+    except ValueError as err:  # an unknown or unreadable --teacher / --student spec
+        raise ConfigError(_first_line(err)) from None
     student = objective.engine
     ckpt_dir = out / "checkpoints"
-    step, data_batches, bad_in_a_row, skipped_steps = 0, 0, 0, 0
+    step, data_batches, bad_in_a_row, skipped_steps, saved_step = 0, 0, 0, 0, None
     if t.resume:
         state = ds_engine.load_checkpoint(student, ckpt_dir, t.resume)
         step, data_batches = state["step"], state["data_batches"]
+        saved_step = step
         skipped_steps = state.get("skipped_steps", 0)
         log(rank, f"resumed from {ckpt_dir} at step {step}")
 
@@ -104,8 +154,12 @@ def main(argv=None) -> int:
               f"ZeRO-{ds_engine.zero_stage(ds)}, out {out}")
 
     def save():
+        nonlocal saved_step
+        if saved_step == step:  # this step's checkpoint exists and is complete: never rewrite it
+            return
         ds_engine.save_checkpoint(student, ckpt_dir, step, keep=t.keep_checkpoints, client_state={
             "step": step, "data_batches": data_batches, "skipped_steps": skipped_steps})
+        saved_step = step
 
     while step < t.steps:
         with timer.section("step"):
@@ -123,7 +177,8 @@ def main(argv=None) -> int:
                 if bad_in_a_row >= t.max_bad_steps:
                     save()
                     log(rank, f"stopping: {bad_in_a_row} non-finite losses in a row "
-                              f"(--max-bad-steps {t.max_bad_steps}); checkpoint saved at step {step}")
+                              f"(--max-bad-steps {t.max_bad_steps}); checkpoint saved at step {step} "
+                              f"(the last good state); exit code 3")
                     return finish(monitor, 3)
                 continue
             bad_in_a_row = 0
@@ -141,12 +196,13 @@ def main(argv=None) -> int:
             scalars["train/lr"] = student.get_lr()[0]
             scalars["train/samples_per_s"] = samples_since / max(elapsed, 1e-9)
             scalars["train/skipped_steps"] = skipped_steps
-            scalars.update(loader_skip_counts(loader))
+            skips = loader_skip_counts(loader, dev)
+            scalars.update(skips)
             monitor.scalars(step, scalars)
             if "train/weights" in logs:
                 monitor.histogram(step, "train/weights", logs["train/weights"])
             log(rank, f"step {step}/{t.steps} loss {loss.item():.4f} "
-                      f"{scalars['train/samples_per_s']:.0f} samples/s")
+                      f"{scalars['train/samples_per_s']:.0f} samples/s" + skip_summary(skips))
             samples_since, clock = 0, time.perf_counter()
         aside = time.perf_counter()  # validation and checkpoints are not training time
         if step % t.eval_every == 0 or step == t.steps:
@@ -158,7 +214,8 @@ def main(argv=None) -> int:
         overhead_s += time.perf_counter() - aside
         if stop.agreed(dev):
             save()
-            log(rank, f"stop requested: checkpoint saved at step {step}; resume with --resume latest")
+            log(rank, f"stop requested ({stop.reason or 'by another rank'}): checkpoint saved at step "
+                      f"{step}; resume with --resume latest")
             return finish(monitor, 0)
 
     objective.export(out, rank)
@@ -173,11 +230,32 @@ def main(argv=None) -> int:
     return finish(monitor, 0)
 
 
-def loader_skip_counts(loader) -> dict:
-    """Corrupt samples this rank's loader skipped so far: `data/skipped` and one tag per reason."""
-    counts = {f"data/skipped_{reason}": float(n) for reason, n in loader.skipped.items()}
-    counts["data/skipped"] = float(sum(loader.skipped.values()))
+def loader_skip_counts(loader, dev) -> dict:
+    """Corrupt samples the loaders of all ranks skipped so far: `data/skipped` and one tag per reason
+    (summed over ranks: a corrupt sample may sit in a shard only another rank reads)."""
+    reasons = list(SKIP_REASONS) + ["other"]
+    local = [float(loader.skipped.get(r, 0)) for r in SKIP_REASONS]
+    local.append(float(sum(n for r, n in loader.skipped.items() if r not in SKIP_REASONS)))
+    totals = torch.tensor(local, dtype=torch.float64, device=dev)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    counts = {f"data/skipped_{r}": n for r, n in zip(reasons, totals.tolist()) if n > 0}
+    counts["data/skipped"] = float(totals.sum().item())
     return counts
+
+
+def skip_summary(counts: dict) -> str:
+    """`; skipped 7 samples (bad_image 2, bad_json 1, ...)` for the log line, or nothing."""
+    if not counts.get("data/skipped"):
+        return ""
+    parts = ", ".join(f"{k[len('data/skipped_'):]} {v:.0f}" for k, v in sorted(counts.items())
+                      if k.startswith("data/skipped_"))
+    return f"; skipped {counts['data/skipped']:.0f} samples ({parts})"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def write_summary(path: Path, **values) -> None:
