@@ -188,6 +188,8 @@ def decode_image(data: bytes, image_size: int) -> np.ndarray:
             img = img.convert("RGB")
     except SampleError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise SampleError("bad_image_size")  # over PIL's pixel limit (e.g. 10,000 x 10,000)
     except Exception:
         raise SampleError("bad_image")
     w, h = img.size
