@@ -9,7 +9,7 @@ Stages: `teacher` fine-tunes the cross-encoder, `student` trains the contrastive
 Exit codes: 0 done, or stopped on request (SIGTERM / SIGINT to a rank or its launcher's process
 tree, or the launcher gone) after saving a checkpoint: `--resume latest` continues; 2 a bad flag,
 config, data folder or model spec (one line `error: ...`, before any training); 3 `--max-bad-steps`
-non-finite losses in a row (a checkpoint of the last good state is saved).
+non-finite losses in a row (the weights and optimizer state those steps left untouched are saved).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
                     save()
                     log(rank, f"stopping: {bad_in_a_row} non-finite losses in a row "
                               f"(--max-bad-steps {t.max_bad_steps}); checkpoint saved at step {step} "
-                              f"(the last good state); exit code 3")
+                              f"(the state before the skipped steps); exit code 3")
                     return finish(monitor, 3)
                 continue
             bad_in_a_row = 0
