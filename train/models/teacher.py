@@ -296,8 +296,11 @@ class FilmBlock(nn.Module):
         self.conv_in = nn.Conv2d(channels, channels, 1)
         self.conv = ConvNorm(channels, norm)
 
-    def forward(self, x, scale, shift, index=None):
-        h = self.conv(F.relu(self.conv_in(x)))
+    def forward(self, x, scale=None, shift=None, index=None, pre=None):
+        """Without scale/shift: the pre-modulation features only (to compute once and pass as `pre`)."""
+        h = self.conv(F.relu(self.conv_in(x))) if pre is None else pre
+        if scale is None:
+            return h
         if index is not None:  # index_select: several times faster than x[index] on CPU
             x, h = x.index_select(0, index), h.index_select(0, index)
         h = F.relu(torch.addcmul(shift, h, scale), inplace=True)
@@ -374,25 +377,38 @@ class FilmCrossEncoder(CrossEncoder):
     def has_masked_word_head(self):
         return self.word_head is not None
 
-    def _fused_features(self, image_features, film_params, image_index, text_index):
+    # pairs per slice of a no-grad scoring call: per-pair activations of ~256 pairs stay in cache
+    # (one call of 4,352 pairs ran ~2x faster sliced than whole, 1 thread)
+    pairs_per_slice = 256
+
+    def _fused_features(self, image_features, film_params, image_index, text_index, first_pre=None):
         """FiLM blocks over the pairs (image_index[n], text_index[n]): the stem features and FiLM
         vectors come once per unique image / caption; the first block's pre-modulation convs run
-        per image; only the modulated part onwards runs per pair."""
+        per image (or come as `first_pre`); only the modulated part onwards runs per pair."""
         params = film_params.index_select(0, text_index)               # [N, blocks, 2, C]
         scale = (params[:, :, 0] + 1.0)[..., None, None]               # [N, blocks, C, 1, 1]
         shift = params[:, :, 1][..., None, None]
-        x = image_features.contiguous(memory_format=torch.channels_last)
+        x = image_features
         for i, block in enumerate(self.blocks):
-            x = block(x, scale[:, i], shift[:, i], image_index if i == 0 else None)
+            if i == 0:
+                x = block(x, scale[:, 0], shift[:, 0], image_index, pre=first_pre)
+            else:
+                x = block(x, scale[:, i], shift[:, i])
         return x
 
     def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
-        image_features = self.stem(pixel_values)                      # [I, C, 8, 8]
+        image_features = self.stem(pixel_values).contiguous(memory_format=torch.channels_last)  # [I, C, 8, 8]
         _, caption = self.caption_encoder(input_ids, attention_mask)  # [T, 2H]
         film_params = self.film(caption)                              # [T, blocks, 2, C]
-        fused = self._fused_features(image_features, film_params, image_index, text_index)
-        logits, _ = self.head(fused)
-        return logits
+        size = self.pairs_per_slice
+        if torch.is_grad_enabled() or image_index.numel() <= size:
+            logits, _ = self.head(self._fused_features(image_features, film_params, image_index, text_index))
+            return logits
+        first_pre = self.blocks[0](image_features)                    # once per unique image
+        return torch.cat([
+            self.head(self._fused_features(image_features, film_params, image_index[s:s + size],
+                                           text_index[s:s + size], first_pre))[0]
+            for s in range(0, image_index.numel(), size)])
 
     def _masked_word_logits(self, pixel_values, input_ids, attention_mask):
         if self.word_head is None:
