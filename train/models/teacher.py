@@ -425,7 +425,11 @@ class FilmCrossEncoder(CrossEncoder):
     @classmethod
     def from_pretrained(cls, folder):
         folder = Path(folder)
-        model = cls(read_config(folder), load_tokenizer(folder / TOKENIZER_DIR))
+        config = read_config(folder)
+        # folders saved before the norms were configurable hold GroupNorm blocks and a plain stem
+        config.setdefault("block_norm", "group")
+        config.setdefault("stem_norm", "none")
+        model = cls(config, load_tokenizer(folder / TOKENIZER_DIR))
         return load_weights(model, folder)
 
 
