@@ -269,7 +269,7 @@ def test_preflight_bad_specs_data_and_resume(tmp_path, clean_shards, capsys):
         (["--stage", "student", "--student", "some-org/some-model"], "as a hub id"),
         (["--stage", "teacher", "--teacher", "film-giant"], "error: unknown teacher spec 'film-giant'"),
         (["--stage", "teacher", "--teacher", "meter-huge"], "unknown METER preset"),
-        (["--stage", "distill", "--teacher", str(tmp_path / "missing")], "not found; train one first"),
+        (["--stage", "distill", "--teacher", str(tmp_path / "missing")], "unknown teacher spec"),
         (["--stage", "distill", "--teacher", "film-tiny", "--student", "from-teacher"], "without unimodal towers"),
         (["--stage", "student", "--not-a-flag", "1"], "error: command line: unrecognized arguments"),
         (["--stage", "student", "--resume", "latest", "--out", str(tmp_path / "run")], "no complete checkpoint"),

@@ -151,7 +151,7 @@ def index_matches(index: dict, student, shards_dir, split: str, max_images: Opti
 
 def load_or_build_index(path, student, shards_dir, split, image_size, max_images, batch_size, log):
     if path is not None and Path(path).is_file():
-        index = torch.load(path, map_location="cpu", weights_only=False)
+        index = torch.load(path, map_location="cpu", weights_only=True)
         if index_matches(index, student, shards_dir, split, max_images):
             log(f"search: index {path} reused ({len(index['keys'])} images)")
             return index

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from train import engine as ds_engine
-from train.config import ConfigError, RunConfig
+from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher
 from train.distill.dcd import DCDConfig, contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
 from train.evaluation import embed_images, embed_texts, read_eval_split, teacher_binding_scores
@@ -184,18 +184,10 @@ def build_objective(cfg: RunConfig, ds: dict, dev, rank: int, world: int):
         return TeacherObjective(cfg, ds, dev, rank, world)
     if stage == "student":
         return StudentObjective(cfg, ds, dev, rank, world)
-    teacher = cfg.model.teacher
-    if not (Path(teacher).exists() or _is_preset(teacher)):
-        raise ConfigError(
-            f"--teacher {teacher}: not found; train one first with "
-            f"`deepspeed --num_gpus 2 train/run.py --stage teacher --out runs/teacher` "
-            f"(or ./launch.sh), or name a preset or a saved folder")
+    if cfg.model.teacher == DEFAULT_TEACHER and not Path(DEFAULT_TEACHER).exists():
+        raise ConfigError(missing_default_teacher())
     return DistillObjective(cfg, ds, dev, rank, world)
 
-
-def _is_preset(spec: str) -> bool:
-    from train.models.presets import TEACHER_PRESETS
-    return spec in TEACHER_PRESETS
 
 
 # ----------------------------------------------------------------------------- validation

@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.config import ConfigError, RunConfig, parse_config
+from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher, parse_config
 from train.data import DataError
 
 
@@ -107,11 +107,8 @@ def check_teacher(cfg: RunConfig, spec: str) -> str:
     spec names nothing train/models/presets.py can build."""
     from train.models.presets import TEACHER_PRESETS, _looks_like_hub_id
     what = "--teacher"
-    if cfg.train.stage == "distill" and not (Path(spec).exists() or spec in TEACHER_PRESETS):
-        # train/objectives.py's own rule for the distill stage (same message as the run gives)
-        raise ConfigError(f"--teacher {spec}: not found; train one first with `deepspeed --num_gpus 2 "
-                          f"train/run.py --stage teacher --out runs/teacher` (or ./launch.sh), or name a "
-                          f"preset or a saved folder")
+    if cfg.train.stage == "distill" and spec == DEFAULT_TEACHER and not Path(spec).exists():
+        raise ConfigError(missing_default_teacher())  # the run's own message
     if spec in TEACHER_PRESETS:
         _needs_tokenizer(cfg, what, spec)
         return TEACHER_PRESETS[spec]["backend"]

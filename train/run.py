@@ -1,7 +1,7 @@
 """Entry point: parse the config, build the pieces, run the loop.
 
     deepspeed --num_gpus 2 train/run.py --ds ds_configs/zero2.json --stage distill \
-        --shards shards/synthetic --teacher runs/teacher/teacher --out runs/dcd
+        --shards shards/synthetic --teacher runs/default/teacher/teacher --out runs/default/dcd
 
 Stages: `teacher` fine-tunes the cross-encoder, `student` trains the contrastive-only baseline,
 `distill` (default) trains the student by Dynamic Contrastive Distillation from a frozen teacher.
