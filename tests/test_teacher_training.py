@@ -195,3 +195,26 @@ def test_film_fast_scoring_equals_per_pair_reference(block_norm, tokenizer_dir):
         torch.testing.assert_close(teacher(*args), reference, atol=1e-5, rtol=1e-4)
     # with autograd (the training path) too
     torch.testing.assert_close(teacher(*args), _film_reference_scores(teacher, *args), atol=1e-5, rtol=1e-4)
+
+
+def test_zero3_partitioned_film_calls_each_module_equally_often_whatever_the_pair_count(
+        monkeypatch, tokenizer_dir):
+    """Ranks score different numbers of pairs; under ZeRO-3 each submodule call is a collective, so
+    a data-dependent number of calls desynchronises the ranks (seen: gloo size mismatch)."""
+    from train.models.teacher import FilmCrossEncoder
+    teacher = build_teacher("film-tiny", tokenizer_dir=tokenizer_dir).eval()
+    monkeypatch.setattr(FilmCrossEncoder, "zero3_partitioned", lambda self: True)
+    counts = []
+    for pairs in (10, 3 * FilmCrossEncoder.pairs_per_slice + 5):
+        calls = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: calls.__setitem__(
+            name, calls.get(name, 0) + 1)) for name, m in teacher.named_modules()]
+        images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+        tokens = teacher.tokenize(["a red circle", "a blue square"])
+        with torch.no_grad():
+            teacher(teacher.preprocess_images(images), tokens["input_ids"], tokens["attention_mask"],
+                    torch.randint(0, 4, (pairs,)), torch.randint(0, 2, (pairs,)))
+        for hook in hooks:
+            hook.remove()
+        counts.append(calls)
+    assert counts[0] == counts[1]

@@ -381,6 +381,12 @@ class FilmCrossEncoder(CrossEncoder):
     # (one call of 4,352 pairs ran ~2x faster sliced than whole, 1 thread)
     pairs_per_slice = 256
 
+    def zero3_partitioned(self) -> bool:
+        """Whether a ZeRO-3 engine partitioned the parameters. It then gathers a submodule's
+        parameters with a collective at every call, so every rank must call every submodule equally
+        often: no slicing by pair count (which differs between ranks) in that case."""
+        return any(hasattr(p, "ds_id") for p in self.stem.parameters())
+
     def _fused_features(self, image_features, film_params, image_index, text_index, first_pre=None):
         """FiLM blocks over the pairs (image_index[n], text_index[n]): the stem features and FiLM
         vectors come once per unique image / caption; the first block's pre-modulation convs run
@@ -401,7 +407,7 @@ class FilmCrossEncoder(CrossEncoder):
         _, caption = self.caption_encoder(input_ids, attention_mask)  # [T, 2H]
         film_params = self.film(caption)                              # [T, blocks, 2, C]
         size = self.pairs_per_slice
-        if torch.is_grad_enabled() or image_index.numel() <= size:
+        if torch.is_grad_enabled() or image_index.numel() <= size or self.zero3_partitioned():
             logits, _ = self.head(self._fused_features(image_features, film_params, image_index, text_index))
             return logits
         first_pre = self.blocks[0](image_features)                    # once per unique image
