@@ -45,9 +45,22 @@ class TinyStudent(nn.Module):
         return F.normalize(image, dim=1), F.normalize(text, dim=1), self.log_scale.exp().clamp(max=100.0)
 
 
+_STUDENT_WEIGHTS = {}
+
+
 def make_student(seed=0):
-    torch.manual_seed(seed)
-    return TinyStudent().double()
+    """The same weights every time, also when fake ranks build it in parallel threads: the global
+    RNG is shared by threads, so the weights are drawn once and copied."""
+    if seed not in _STUDENT_WEIGHTS:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            _STUDENT_WEIGHTS[seed] = TinyStudent().double().state_dict()
+    student = TinyStudent().double()
+    student.load_state_dict(_STUDENT_WEIGHTS[seed])
+    return student
+
+
+make_student()  # drawn at import, in the main thread, before any fake rank starts
 
 
 def fake_teacher(images, texts, image_index, text_index):
