@@ -242,21 +242,26 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     return cfg
 
 
+def read_json_object(path: str | os.PathLike, what: str = "config file") -> dict:
+    """A JSON object from a file, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return values
+
+
 def parse_config(argv=None, world_size: int = 1) -> RunConfig:
     """Parse flags (and an optional --config file) into a resolved RunConfig."""
     args = build_parser().parse_args(argv)
     cfg = RunConfig()
     if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        _apply(cfg, values, str(path))
+        _apply(cfg, read_json_object(args.config), str(args.config))
     _apply(cfg, vars(args), "command line")
     return resolve(cfg, world_size)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import shutil
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError
+from train.config import ConfigError, read_json_object
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -64,14 +63,7 @@ def read_ds_config(path: str | os.PathLike, world_size: int = 1, micro_batch: in
     `train_batch_size`, when the file gives one, must equal micro x accumulation x world.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: DeepSpeed config not found")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    ds = read_json_object(path, "DeepSpeed config")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"{path}: field 'zero_optimization' must be an object")
