@@ -297,3 +297,13 @@ def test_unknown_spec_is_a_one_line_value_error(build, spec):
         build(spec)
     message = str(error.value)
     assert spec in message and "\n" not in message
+
+
+@pytest.mark.parametrize("pool", ["flatten", "attention"])
+def test_cnn_image_tower_pools(pool):
+    from train.models.presets import STUDENT_PRESETS
+    from train.models.student import build_tower
+    tower = build_tower(dict(STUDENT_PRESETS["student-tiny"]["image_tower"], pool=pool))
+    features = tower(torch.randn(3, 3, 64, 64))
+    assert features.shape == (3, tower.width)
+    features.sum().backward()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from train.models.teacher import (TOKENIZER_DIR, has_tokenizer_files, load_tokenizer, load_weights,
                                   read_config, resize_and_normalize, tokenize_captions,
-                                  write_model_folder)
+                                  with_coordinates, write_model_folder)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -92,16 +92,12 @@ class ConvImageTower(nn.Module):
         self.width = cfg["width"]
 
     def forward(self, pixel_values):
-        n, _, h, w = pixel_values.shape
-        ys = torch.linspace(-1, 1, h, device=pixel_values.device, dtype=pixel_values.dtype)
-        xs = torch.linspace(-1, 1, w, device=pixel_values.device, dtype=pixel_values.dtype)
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(n, -1, -1, -1)
-        features = self.convs(torch.cat([pixel_values, coords], dim=1))
+        features = self.convs(with_coordinates(pixel_values))
         if self.tower_config["pool"] == "flatten":
             return self.project(self.squeeze(features).flatten(1))
         tokens = features.flatten(2).transpose(1, 2) + self.position
-        pooled, _ = self.attend(self.query.expand(n, -1, -1), tokens, tokens, need_weights=False)
+        queries = self.query.expand(pixel_values.shape[0], -1, -1)
+        pooled, _ = self.attend(queries, tokens, tokens, need_weights=False)
         return self.project(pooled[:, 0])
 
 

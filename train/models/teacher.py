@@ -79,6 +79,17 @@ def write_model_folder(model, folder, config, tokenizer):
         tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
 
 
+def with_coordinates(images):
+    """Append x and y coordinate channels in [-1, 1]: convolutions are translation-invariant, and
+    the captions talk about left / right / above / below."""
+    n, _, h, w = images.shape
+    ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)
+    xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(n, -1, -1, -1)
+    return torch.cat([images, coords], dim=1)
+
+
 def standalone_state_dict(model):
     """The state dict with every tensor in its own storage, tied tensors saved once.
 
@@ -199,12 +210,7 @@ class CoordinateStem(nn.Module):
         self.out_channels = in_channels
 
     def forward(self, images):
-        n, _, h, w = images.shape
-        ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)
-        xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(n, -1, -1, -1)
-        return self.layers(torch.cat([images, coords], dim=1))
+        return self.layers(with_coordinates(images))
 
 
 class CaptionGRU(nn.Module):
