@@ -32,17 +32,6 @@ def tokenizer_dir(cfg: RunConfig) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def fixed_length(tokens: dict, length: int) -> dict:
-    """Pad or cut token tensors to `length` so every rank's tensors have one shape."""
-    out = {}
-    for key in ("input_ids", "attention_mask"):
-        t = tokens[key][:, :length]
-        if t.shape[1] < length:
-            t = torch.cat([t, t.new_zeros(t.shape[0], length - t.shape[1])], dim=1)
-        out[key] = t
-    return out
-
-
 class TimedCollectives:
     """Charges every collective of the loss to the step timer's `gather` section."""
 
@@ -122,8 +111,9 @@ class DistillObjective(StudentObjective):
     def forward(self, batch: dict, timer):
         batch = _to(batch, self.dev)
         image_emb, text_emb, scale = self.embed(batch, timer)
-        teacher_text = fixed_length(self.teacher.tokenize(batch["captions"]), self.cfg.data.max_length)
-        teacher_text = {k: v.to(self.dev) for k, v in teacher_text.items()}
+        # The teacher's own tokenizer and max length; dcd_loss pads the token tensors to one length
+        # across ranks before candidates move between them.
+        teacher_text = {k: v.to(self.dev) for k, v in self.teacher.tokenize(batch["captions"]).items()}
 
         def teacher_score(raw_images, raw_texts, image_index, text_index):
             with timer.section("teacher"), torch.no_grad():

@@ -143,8 +143,7 @@ def main(argv=None) -> int:
         num_workers=cfg.data.num_workers, rank=rank, world_size=world, seed=t.seed,
         start_batch=data_batches, twins_in_batch=cfg.data.twins_in_batch)
     monitor = Monitor(out / "tb", enabled=rank == 0)
-    monitor.text(step, "config", "```\n" + (out / "config.json").read_text() + "\n```"
-                 if rank == 0 else "")
+    monitor.text(step, "config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
     timer = StepTimer(ds_engine.accelerator().synchronize)
     stop = StopRequest()
     batches = iter(loader)
