@@ -342,3 +342,26 @@ def test_evaluate_cli_teacher_mode_and_bad_paths(tiny_shards, tmp_path, capsys):
     assert main(["--shards", str(tiny_shards), "--mode", "rerank", "--student", "student-tiny"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("evaluate: ") for line in errors)
+
+
+
+def test_film_teacher_cached_sides_score_like_its_forward(tiny_shards):
+    """The cached-side path (each image and caption encoded once per gallery) gives the scores the
+    teacher's own forward gives, for all pairs and for a scattered list of pairs."""
+    from train.evaluation import read_eval_split
+    from train.models.presets import build_teacher
+    teacher = build_teacher("film-tiny", tiny_shards / "tokenizer").eval()
+    assert teacher.splits_unimodal
+    split = read_eval_split(tiny_shards, "test", image_size=teacher.image_size)
+    with torch.no_grad():
+        encoded = teacher.tokenize(split.captions)
+        image_index, text_index = (t.flatten() for t in torch.meshgrid(
+            torch.arange(split.num_images), torch.arange(split.num_captions), indexing="ij"))
+        direct = teacher(teacher.preprocess_images(split.pixels), encoded["input_ids"],
+                         encoded["attention_mask"], image_index=image_index, text_index=text_index)
+    direct = direct.reshape(split.num_images, split.num_captions)
+    all_pairs = teacher_all_pairs(teacher, split, images_per_chunk=5, captions_per_chunk=7, progress=False)
+    torch.testing.assert_close(all_pairs, direct, atol=1e-5, rtol=1e-5)
+    images, captions = torch.tensor([11, 0, 3, 3, 7, 0]), torch.tensor([0, 59, 4, 17, 17, 2])
+    pairs = teacher_pair_scores(teacher, split, images, captions, pairs_per_call=4)
+    torch.testing.assert_close(pairs, direct[images, captions], atol=1e-5, rtol=1e-5)

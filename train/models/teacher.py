@@ -169,6 +169,24 @@ class CrossEncoder(nn.Module):
     def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
         raise NotImplementedError
 
+    # -- scoring from cached unimodal parts. A backend whose score splits into an image-only part,
+    # a caption-only part and a per-pair part sets `splits_unimodal` and implements the three
+    # methods below: evaluation and rerank then encode each image and caption ONCE for a whole
+    # gallery and only the per-pair part runs per pair (what makes rerank's k pairs per query cheap:
+    # without it every 256-pair call re-encoded ~256 captions). Sides are tuples of tensors with one
+    # row per image / caption, so they can be encoded in batches and concatenated.
+    splits_unimodal = False
+
+    def encode_image_side(self, pixel_values):
+        raise NotImplementedError(f"the {self.backend} teacher does not split off its image side")
+
+    def encode_text_side(self, input_ids, attention_mask):
+        raise NotImplementedError(f"the {self.backend} teacher does not split off its text side")
+
+    def score_encoded(self, image_side, text_side, image_index, text_index):
+        """Logits [N] of the pairs (image_side row image_index[n], text_side row text_index[n])."""
+        raise NotImplementedError(f"the {self.backend} teacher does not score encoded sides")
+
     def _masked_word_logits(self, pixel_values, input_ids, attention_mask):
         raise NotImplementedError(f"the {self.backend} teacher has no masked-word head")
 
@@ -391,8 +409,18 @@ class FilmCrossEncoder(CrossEncoder):
     def zero3_partitioned(self) -> bool:
         """Whether a ZeRO-3 engine partitioned the parameters. It then gathers a submodule's
         parameters with a collective at every call, so every rank must call every submodule equally
-        often: no slicing by pair count (which differs between ranks) in that case."""
+        often: the slice count then comes from the largest pair count over the ranks."""
         return any(hasattr(p, "ds_id") for p in self.stem.parameters())
+
+    def _slice_count(self, num_pairs: int, device) -> int:
+        count = -(-num_pairs // self.pairs_per_slice)
+        if self.zero3_partitioned():
+            # Ranks score different pair counts (DCD de-duplicates per rank); the MAX makes every
+            # rank run the same number of slices, so the blocks' parameter gathers stay matched.
+            count_tensor = torch.tensor([count], device=device)
+            torch.distributed.all_reduce(count_tensor, op=torch.distributed.ReduceOp.MAX)
+            count = int(count_tensor.item())
+        return max(count, 1)
 
     def _fused_features(self, image_features, film_params, image_index, text_index, first_pre=None):
         """FiLM blocks over the pairs (image_index[n], text_index[n]): the stem features and FiLM
@@ -413,11 +441,33 @@ class FilmCrossEncoder(CrossEncoder):
         image_features = self.stem(pixel_values).contiguous(memory_format=torch.channels_last)  # [I, C, 8, 8]
         _, caption = self.caption_encoder(input_ids, attention_mask)  # [T, 2H]
         film_params = self.film(caption)                              # [T, blocks, 2, C]
-        size = self.pairs_per_slice
-        if torch.is_grad_enabled() or image_index.numel() <= size or self.zero3_partitioned():
+        if torch.is_grad_enabled():  # teacher training: one graph over the pairs
             logits, _ = self.head(self._fused_features(image_features, film_params, image_index, text_index))
             return logits
+        slices = self._slice_count(image_index.numel(), image_index.device)
+        if slices == 1:
+            return self.head(self._fused_features(image_features, film_params, image_index, text_index))[0]
         first_pre = self.blocks[0](image_features)                    # once per unique image
+        return torch.cat([
+            self.head(self._fused_features(image_features, film_params, images, texts, first_pre))[0]
+            for images, texts in zip(image_index.tensor_split(slices), text_index.tensor_split(slices))])
+
+    splits_unimodal = True
+
+    def encode_image_side(self, pixel_values):
+        """(stem features, first block's pre-modulation features): [I, C, 8, 8] each."""
+        image_features = self.stem(pixel_values).contiguous(memory_format=torch.channels_last)
+        return image_features, self.blocks[0](image_features)
+
+    def encode_text_side(self, input_ids, attention_mask):
+        """(FiLM vectors [T, blocks, 2, C],)."""
+        _, caption = self.caption_encoder(input_ids, attention_mask)
+        return (self.film(caption),)
+
+    def score_encoded(self, image_side, text_side, image_index, text_index):
+        image_features, first_pre = image_side
+        (film_params,) = text_side
+        size = self.pairs_per_slice
         return torch.cat([
             self.head(self._fused_features(image_features, film_params, image_index[s:s + size],
                                            text_index[s:s + size], first_pre))[0]
