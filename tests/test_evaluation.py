@@ -365,3 +365,14 @@ def test_film_teacher_cached_sides_score_like_its_forward(tiny_shards):
     images, captions = torch.tensor([11, 0, 3, 3, 7, 0]), torch.tensor([0, 59, 4, 17, 17, 2])
     pairs = teacher_pair_scores(teacher, split, images, captions, pairs_per_call=4)
     torch.testing.assert_close(pairs, direct[images, captions], atol=1e-5, rtol=1e-5)
+
+
+def test_ranked_top_equals_a_full_stable_sort_even_with_ties():
+    """ranked_top uses topk for speed; with many ties (also across the depth boundary) it must still
+    give exactly what a stable sort of the whole row gives."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rows, columns, depth = (int(torch.randint(1, 30, (1,), generator=generator)) for _ in range(3))
+        scores = torch.randint(0, 4, (rows, columns), generator=generator).float()
+        expected = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
+        assert torch.equal(ranked_top(scores, depth), expected)

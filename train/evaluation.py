@@ -486,9 +486,22 @@ def teacher_binding_scores(teacher, split: EvalSplit, **pair_options) -> Tuple[t
 
 def ranked_top(scores: torch.Tensor, depth: int) -> torch.Tensor:
     """Indices of each row's `depth` best columns, best first; ties keep the lower index first
-    (a stable sort, so the order is deterministic)."""
+    (what a stable sort of the whole row gives, so the order is deterministic).
+
+    topk, then a stable order inside the top: a full sort of 1,000 x 5,000 both ways took 0.84 s
+    of a 16 s rerank, topk 0.06 s. Rows where a score outside the top ties the depth-th one (topk
+    may pick either) fall back to the full stable sort, so the result is exact."""
     depth = min(depth, scores.shape[1])
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
+    top = torch.topk(scores, depth, dim=1, sorted=False)
+    by_index = torch.argsort(top.indices, dim=1)                  # lower index first ...
+    indices, values = top.indices.gather(1, by_index), top.values.gather(1, by_index)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices  # ... within equal scores
+    indices = indices.gather(1, order)
+    boundary_tie = (scores >= values.amin(dim=1, keepdim=True)).sum(dim=1) > depth
+    if boundary_tie.any():
+        indices[boundary_tie] = torch.sort(scores[boundary_tie], dim=1, descending=True,
+                                           stable=True).indices[:, :depth]
+    return indices
 
 
 def rerank_rows(candidates: torch.Tensor, teacher_scores: torch.Tensor, k: int) -> torch.Tensor:
