@@ -55,9 +55,11 @@ class DistillConfig:
     weighting: str = "entropy"           # entropy | wsl | none
     directions: str = "i2t,t2i"
     # Local queries per step and direction that get teacher-ranked negatives (None: all). The
-    # teacher's forward dominates a DCD step on CPU; 32 of 128 keeps the step under 2x a
-    # contrastive step while the InfoNCE term still covers the whole pool.
-    distill_queries: Optional[int] = 32
+    # teacher's forward dominates a DCD step on CPU, and mostly through its image stem: t2i
+    # candidates come from the whole pool, so 32 queries touched ~220 distinct images a step.
+    # Measured on 2 CPU ranks x 128 (tools/benchmark.py train): 32 -> 2.48x a contrastive step,
+    # 16 -> 1.96x; the InfoNCE term still covers the whole pool either way.
+    distill_queries: Optional[int] = 16
     negatives_from: str = "teacher"      # teacher | random (ablation: KD without teacher ranking)
 
 
