@@ -377,7 +377,8 @@ def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 4,
     bar = _progress((end - start) * split.num_captions, f"teacher all pairs (rank {rank})",
                     progress and rank == 0)
     columns = [torch.tensor(chunk, dtype=torch.long) for chunk in caption_chunks]
-    scorer = _side_scorer(teacher)
+    # (a rank with no images of its own, in a gallery smaller than the world, has nothing to encode)
+    scorer = _side_scorer(teacher) if end > start else None
     with _evaluating(teacher):
         if scorer is not None:
             image_side, text_side = encode_teacher_sides(scorer, split, torch.arange(start, end),
@@ -436,7 +437,7 @@ def teacher_pair_scores(teacher, split: EvalSplit, image_index: torch.Tensor,
     local = torch.empty(end - start)
     bar = _progress(end - start, f"teacher pairs (rank {rank})", progress and rank == 0)
     local_order = order[start:end]
-    scorer = _side_scorer(teacher)
+    scorer = _side_scorer(teacher) if end > start else None
     with _evaluating(teacher):
         if scorer is not None:
             # Each distinct image and caption of this rank's pairs is encoded once: a rerank's
