@@ -38,6 +38,7 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("argv, field", [
     (["--weighting", "soft"], "distill.weighting"),
     (["--teacher-zero", "2"], "model.teacher_zero"),
+    (["--similar-negatives", "-1"], "teacher_loss"),
     (["--hard-negatives", "20"], "distill.hard_negatives"),
     (["--directions", "i2x"], "distill.directions"),
 ])
@@ -97,3 +98,16 @@ def test_lr_schedule_warms_up_then_decays():
     assert values[10] == pytest.approx(1.0) and values[-1] < 0.01
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert lr_multiplier(55, 10, 100, "linear") == pytest.approx(0.5)
+
+
+def test_teacher_loss_flags_reach_the_teacher_stage_recipe():
+    """The teacher stage's matching-loss recipe is config too (flags, files, saved config.json)."""
+    from train.models.teacher_training import TeacherTrainingConfig
+    default = parse_config(["--stage", "teacher"]).teacher_loss
+    recipe = TeacherTrainingConfig()
+    assert (default.random_negatives, default.similar_negatives, default.perturbed_negative,
+            default.caption_loss_weight, default.mlm_weight) == (
+        recipe.random_negatives, recipe.similar_negatives, recipe.perturbed_negative,
+        recipe.caption_loss_weight, recipe.mlm_weight)
+    cfg = parse_config(["--stage", "teacher", "--similar-negatives", "2", "--perturbed-negative", "false"])
+    assert cfg.teacher_loss.similar_negatives == 2 and cfg.teacher_loss.perturbed_negative is False

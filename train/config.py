@@ -64,6 +64,17 @@ class DistillConfig:
 
 
 @dataclass
+class TeacherLossConfig:
+    """The matching loss of `--stage teacher` (train/models/teacher_training.py has the measured
+    trade-offs); the defaults are the recipe that trained assets/teacher-film."""
+    random_negatives: int = 1            # random in-batch captions (and images) per image
+    similar_negatives: int = 0           # in-batch captions sampled by word overlap (ALBEF-style)
+    perturbed_negative: bool = True      # the own caption with colours / nouns / relations swapped
+    caption_loss_weight: float = 1.0     # weight of the caption -> image cross-entropy
+    mlm_weight: float = 0.0              # masked-word auxiliary loss (ViLT from scratch needs it)
+
+
+@dataclass
 class TrainConfig:
     stage: str = "distill"
     ds: str = "ds_configs/zero2.json"
@@ -89,6 +100,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    teacher_loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -235,6 +247,10 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     directions = [x.strip() for x in dist.directions.split(",") if x.strip()]
     if not directions or any(x not in ("i2t", "t2i") for x in directions):
         raise ConfigError(f"distill.directions: '{dist.directions}' (use i2t, t2i or i2t,t2i)")
+    tl = cfg.teacher_loss
+    if tl.random_negatives < 0 or tl.similar_negatives < 0:
+        raise ConfigError(f"teacher_loss: random_negatives ({tl.random_negatives}) and "
+                          f"similar_negatives ({tl.similar_negatives}) must be >= 0")
     if dist.hard_negatives > dist.candidates:
         raise ConfigError(f"distill.hard_negatives ({dist.hard_negatives}) must not exceed "
                           f"distill.candidates ({dist.candidates})")

@@ -141,7 +141,11 @@ class TeacherObjective:
         self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
         self.engine = ds_engine.build_student_engine(
             self.model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
-        self.loss_cfg = TeacherTrainingConfig()
+        tl = cfg.teacher_loss
+        self.loss_cfg = TeacherTrainingConfig(
+            random_negatives=tl.random_negatives, similar_negatives=tl.similar_negatives,
+            perturbed_negative=tl.perturbed_negative, caption_loss_weight=tl.caption_loss_weight,
+            mlm_weight=tl.mlm_weight)
         self.data_tokenizer = self.model.tokenizer
 
     def forward(self, batch: dict, timer):
