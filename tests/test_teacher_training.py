@@ -222,3 +222,24 @@ def test_zero3_partitioned_film_calls_each_module_equally_often_whatever_the_pai
             hook.remove()
         counts.append(calls)
     assert counts[0] == counts[1]
+
+
+def test_a_given_similarity_picks_the_similar_negatives():
+    """With a student's image x caption similarity (and a near-zero temperature) each image's
+    similar caption negative is its most similar non-positive caption, and each caption's similar
+    image negative its most similar non-positive image; word overlap is not consulted."""
+    captions = [f"caption {i}" for i in range(6)]
+    image_ids = torch.arange(6)
+    twin_ids = torch.full((6,), -1)
+    similarity = torch.zeros(6, 6)
+    similarity.fill_diagonal_(1.0)
+    for i in range(6):
+        similarity[i, (i + 2) % 6] = 0.9  # image i's hardest caption; caption (i+2)'s hardest image
+    cfg = TeacherTrainingConfig(random_negatives=0, similar_negatives=1, perturbed_negative=False,
+                                similarity_temperature=1e-3)
+    plan = build_candidates(image_ids, twin_ids, captions, [None] * 6, cfg,
+                            torch.Generator().manual_seed(0), similarity=similarity)
+    for i, candidates in enumerate(_scored_pairs(plan, "image_rows", "image_valid")):
+        assert candidates == [(i, i), (i, (i + 2) % 6)]
+    for j, candidates in enumerate(_scored_pairs(plan, "caption_rows", "caption_valid")):
+        assert candidates == [(j, j), ((j - 2) % 6, j)]

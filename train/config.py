@@ -68,7 +68,11 @@ class TeacherLossConfig:
     """The matching loss of `--stage teacher` (train/models/teacher_training.py has the measured
     trade-offs); the defaults are the recipe that trained assets/teacher-film."""
     random_negatives: int = 1            # random in-batch captions (and images) per image
-    similar_negatives: int = 0           # in-batch captions sampled by word overlap (ALBEF-style)
+    similar_negatives: int = 0           # in-batch captions sampled by similarity (ALBEF-style)
+    # A saved student whose image-caption cosine picks the similar negatives instead of word
+    # overlap: trains the teacher on the kind of candidates DCD will ask it to rank.
+    negatives_student: Optional[str] = None
+    similarity_temperature: float = 0.1  # sampling temperature over the similarities
     perturbed_negative: bool = True      # the own caption with colours / nouns / relations swapped
     caption_loss_weight: float = 1.0     # weight of the caption -> image cross-entropy
     mlm_weight: float = 0.0              # masked-word auxiliary loss (ViLT from scratch needs it)
@@ -248,6 +252,9 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     if not directions or any(x not in ("i2t", "t2i") for x in directions):
         raise ConfigError(f"distill.directions: '{dist.directions}' (use i2t, t2i or i2t,t2i)")
     tl = cfg.teacher_loss
+    if tl.negatives_student is not None and not Path(tl.negatives_student).is_dir():
+        raise ConfigError(f"teacher_loss.negatives_student: {tl.negatives_student} is not a saved "
+                          f"student folder")
     if tl.random_negatives < 0 or tl.similar_negatives < 0:
         raise ConfigError(f"teacher_loss: random_negatives ({tl.random_negatives}) and "
                           f"similar_negatives ({tl.similar_negatives}) must be >= 0")

@@ -18,7 +18,7 @@ from train.distill.dcd import DCDConfig, contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
 from train.evaluation import embed_images, embed_texts, read_eval_split, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
-from train.models.presets import build_student, build_teacher
+from train.models.presets import build_student, build_teacher, load_student
 from train.models.teacher_training import TeacherTrainingConfig, teacher_matching_loss
 
 
@@ -145,13 +145,25 @@ class TeacherObjective:
         self.loss_cfg = TeacherTrainingConfig(
             random_negatives=tl.random_negatives, similar_negatives=tl.similar_negatives,
             perturbed_negative=tl.perturbed_negative, caption_loss_weight=tl.caption_loss_weight,
-            mlm_weight=tl.mlm_weight)
+            mlm_weight=tl.mlm_weight, similarity_temperature=tl.similarity_temperature)
+        # frozen, outside DeepSpeed: it only ranks the batch for the negatives' sampling
+        self.negatives_student = (load_student(tl.negatives_student).to(dev).eval().requires_grad_(False)
+                                  if tl.negatives_student else None)
         self.data_tokenizer = self.model.tokenizer
 
     def forward(self, batch: dict, timer):
         batch = _to(batch, self.dev)
+        similarity = None
+        if self.negatives_student is not None:
+            with torch.no_grad():
+                student = self.negatives_student
+                tokens = student.tokenize(list(batch["captions"]))
+                images = student.encode_image(student.preprocess_images(batch["pixels"]))
+                texts = student.encode_text(tokens["input_ids"].to(self.dev),
+                                            tokens["attention_mask"].to(self.dev))
+                similarity = images @ texts.t()
         with timer.section("teacher"):
-            result = teacher_matching_loss(self.engine, batch, self.loss_cfg)
+            result = teacher_matching_loss(self.engine, batch, self.loss_cfg, similarity=similarity)
         loss = result["loss"]
         return loss, {f"train/{k}": v.detach() if isinstance(v, torch.Tensor) else v
                       for k, v in result.items()}

@@ -196,17 +196,18 @@ class PairTable:
         return pairs[:, 0].to(device), pairs[:, 1].to(device)
 
 
-def build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator=None):
+def build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator=None, similarity=None):
     """All the indexing of the matching loss, without a model.
 
     Texts are numbered: batch captions 0..B-1, then the perturbed captions B.. (in `perturbed` order,
-    None entries skipped). Returns dict with image_index/text_index (the unique pairs to score),
-    image_rows/caption_rows [B, 1+C] (pair positions; column 0 is the positive) and their validity
-    masks, and twin_rows."""
+    None entries skipped). `similarity` [B, B] (image row x caption column) picks the similar
+    negatives, e.g. a student's cosine similarities; None: word overlap of the captions. Returns
+    dict with image_index/text_index (the unique pairs to score), image_rows/caption_rows [B, 1+C]
+    (pair positions; column 0 is the positive) and their validity masks, and twin_rows."""
     batch = len(captions)
     twins = twin_rows(image_ids, twin_ids)
     positives = positive_mask(image_ids, captions)
-    overlap = word_overlap(captions)
+    overlap = word_overlap(captions) if similarity is None else similarity.float().cpu()
     similar_texts = sample_similar(overlap, positives, cfg.similar_negatives, cfg.similarity_temperature,
                                    generator)
     similar_images = sample_similar(overlap.t(), positives.t(), cfg.similar_negatives,
@@ -314,9 +315,10 @@ def _pairwise_accuracy(pair_logits, rows, valid, column):
     return (scores[:, 0] > scores[:, column])[ok.to(pair_logits.device)].float().mean()
 
 
-def teacher_matching_loss(teacher, batch, cfg, generator=None):
+def teacher_matching_loss(teacher, batch, cfg, generator=None, similarity=None):
     """The `--stage teacher` loss on a training batch (train/data.py): needs pixels, captions,
-    image_ids and twin_ids. Returns loss (to backprop) and detached parts for logging."""
+    image_ids and twin_ids; `similarity` as in `build_candidates`. Returns loss (to backprop) and
+    detached parts for logging."""
     model = _unwrap(teacher)
     pixels = batch["pixels"]
     device = pixels.device
@@ -327,7 +329,7 @@ def teacher_matching_loss(teacher, batch, cfg, generator=None):
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     rng = random.Random(seed)  # seeded from torch so a torch seed fixes the perturbations too
     perturbed = [perturb_caption(c, rng) if cfg.perturbed_negative else None for c in captions]
-    plan = build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator)
+    plan = build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator, similarity)
 
     texts = captions + [p for p in perturbed if p is not None]
     tokens = {k: v.to(device) for k, v in model.tokenize(texts).items()}
