@@ -342,3 +342,21 @@ def test_ablations_logs_and_one_teacher_call_per_step_on_fake_ranks(negatives_fr
             assert logs["pool_size"] == world_size * rows_per_rank
         # One query per direction, 3 candidates: all_to_all moves a few rows, all_gather the whole batch.
         assert out["all_to_all"][1]["bytes_moved_candidates"] < out["all_gather"][1]["bytes_moved_candidates"]
+
+
+def test_distill_weight_scales_only_the_distillation_terms():
+    """The trainer's ramp-in: distill_weight multiplies alpha * KD + (1 - alpha) * hard, never InfoNCE."""
+    batch = merge(make_global_batch(1, 6))
+    texts = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    losses = {}
+    for weight in (0.0, 0.25, 1.0):
+        student = make_student()
+        image_emb, text_emb, scale = student(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+        losses[weight], logs = dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["pixels"],
+                                        texts, fake_teacher, SingleProcess(), CONFIGS["dcd_entropy_kl_all_to_all"],
+                                        distill_weight=weight)
+    itc = logs["loss_itc"]
+    distill = logs["loss"] - itc
+    assert distill.abs() > 1e-3  # the check below means something
+    torch.testing.assert_close(losses[0.0].detach(), itc)
+    torch.testing.assert_close(losses[0.25].detach(), itc + 0.25 * distill)

@@ -80,7 +80,7 @@ class StudentObjective:
             return self.engine(pixel_values, batch["input_ids"], batch["attention_mask"],
                                return_scale=True)
 
-    def forward(self, batch: dict, timer):
+    def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
         image_emb, text_emb, scale = self.embed(batch, timer)
         with timer.section("loss"):
@@ -108,7 +108,7 @@ class DistillObjective(StudentObjective):
         self.teacher_params_local = ds_engine.local_parameter_elements(teacher)
         self.teacher_params_total = ds_engine.total_parameter_elements(teacher)
 
-    def forward(self, batch: dict, timer):
+    def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
         image_emb, text_emb, scale = self.embed(batch, timer)
         # The teacher's own tokenizer and max length; dcd_loss pads the token tensors to one length
@@ -121,10 +121,14 @@ class DistillObjective(StudentObjective):
                 return self.teacher_engine(pixel_values, raw_texts["input_ids"],
                                            raw_texts["attention_mask"], image_index, text_index)
 
+        ramp = self.cfg.distill.distill_warmup_steps
+        distill_weight = min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0
         with timer.section("loss"):
             loss, logs = dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["pixels"],
-                                  teacher_text, teacher_score, self.comm, self.dcd)
+                                  teacher_text, teacher_score, self.comm, self.dcd,
+                                  distill_weight=distill_weight)
         logs = _train_logs(logs, loss)
+        logs["train/distill_weight"] = distill_weight
         logs["train/teacher_params_local"] = float(self.teacher_params_local)
         logs["train/teacher_params_total"] = float(self.teacher_params_total)
         return loss, logs
@@ -151,7 +155,7 @@ class TeacherObjective:
                                   if tl.negatives_student else None)
         self.data_tokenizer = self.model.tokenizer
 
-    def forward(self, batch: dict, timer):
+    def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
         similarity = None
         if self.negatives_student is not None:

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
             with timer.section("data"):
                 batch = next(batches)
                 data_batches += 1
-            loss, logs = objective.forward(batch, timer)
+            loss, logs = objective.forward(batch, timer, step)
             if not all_finite(loss):
                 # A NaN on one rank poisons every rank's averaged gradient: skip the step everywhere.
                 skipped_steps += 1

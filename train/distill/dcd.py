@@ -153,7 +153,8 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
              image_ids_local: torch.Tensor, raw_images_local: torch.Tensor,
              raw_texts_local: Mapping[str, torch.Tensor], teacher_score: TeacherScore,
              comm: Collectives, cfg: DCDConfig,
-             generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict]:
+             generator: Optional[torch.Generator] = None,
+             distill_weight: float = 1.0) -> Tuple[torch.Tensor, Dict]:
     """The whole DCD objective for one step on this rank.
 
     Args:
@@ -170,6 +171,8 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         comm: the ranks' collectives.
         cfg: hyper-parameters.
         generator: seeds the draws of the random-negative ablations (None: global RNG).
+        distill_weight: multiplies the two distillation terms (the trainer's ramp-in; InfoNCE keeps
+            lambda_itc): L = lambda_itc * L_itc + distill_weight * (alpha * KD + (1 - alpha) * hard).
     Returns:
         (loss, logs). logs: loss, loss_itc, loss_kd, loss_hard (and loss_kd_<dir>, loss_hard_<dir>),
         weight_mean, weight_std, teacher_margin, teacher_accuracy, teacher_student_agreement
@@ -280,7 +283,7 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         weights.append(w)
     mean_kd = torch.stack(list(loss_kd.values())).mean()
     mean_hard = torch.stack(list(loss_hard.values())).mean()
-    loss = cfg.lambda_itc * pool.loss_itc + cfg.alpha * mean_kd + (1.0 - cfg.alpha) * mean_hard
+    loss = cfg.lambda_itc * pool.loss_itc + distill_weight * (cfg.alpha * mean_kd + (1.0 - cfg.alpha) * mean_hard)
 
     # Logs.
     weights = torch.cat(weights)
