@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the venv's launcher
 
 
 def image_bytes(mode: str = "RGB", size=(24, 16), fmt: str = "JPEG", seed: int = 0) -> bytes:
@@ -176,3 +179,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_env(**extra) -> dict:
+    """The environment of a launched training run: one thread per rank, nothing from the hub, the
+    shm comm op built once into the repo's cache (scripts/setup.sh's place for it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.update(extra)
+    return env
+
+
+def two_rank_command(args) -> list:
+    """`deepspeed --num_gpus 2 train/run.py ARGS` on a free master port."""
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]

@@ -15,10 +15,8 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections import Counter
@@ -27,10 +25,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.fixtures import CORRUPT_JPEG, NOT_AN_IMAGE, image_bytes, make_synthetic_shards, write_raw_shard
+from tests.fixtures import (CORRUPT_JPEG, NOT_AN_IMAGE, free_port, image_bytes, make_synthetic_shards,
+                            run_env, two_rank_command, write_raw_shard)
 
 REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 # reasons train/data.py counts, and how many of each one bad shard from bad_samples() holds
 EXPECTED_PER_BAD_SHARD = {"bad_image": 2, "bad_json": 3, "empty_caption": 2, "bad_text": 1,
@@ -38,19 +36,6 @@ EXPECTED_PER_BAD_SHARD = {"bad_image": 2, "bad_json": 3, "empty_caption": 2, "ba
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", **extra)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return env
-
 
 def one_rank_env() -> dict:
     """What a launcher sets for rank 0 of 1, so `python train/run.py` needs no launcher."""
@@ -176,8 +161,7 @@ class Reader:
 
 
 def start_two_ranks(args: list) -> tuple:
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]
-    proc = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(two_rank_command(args), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return proc, Reader(proc)
 

@@ -14,34 +14,22 @@ DeepSpeed's per-node launcher with Popen replaced to read the rank layout it giv
 """
 import base64
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_synthetic_shards
+from tests.fixtures import free_port, make_synthetic_shards, two_rank_command
+from tests.fixtures import run_env as fixtures_run_env
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STEPS = 3
 
 
-def free_port() -> int:
-    """A free TCP port: the machine is shared and the default 29500 is often taken."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    env.update(extra)
-    return env
+    return fixtures_run_env(PYTHONPATH=str(REPO), **extra)
 
 
 def train_args(shards, out):
@@ -84,8 +72,7 @@ def shards(tmp_path_factory):
 def reference(shards, tmp_path_factory):
     """ZeRO-3 with optimizer and parameters offloaded to CPU, under the deepspeed launcher."""
     out = tmp_path_factory.mktemp("zero3_offload")
-    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-               "train/run.py", "--ds", "ds_configs/zero3_offload.json", *train_args(shards, out)]
+    command = two_rank_command(["--ds", "ds_configs/zero3_offload.json", *train_args(shards, out)])
     result = subprocess.run(command, cwd=REPO, env=run_env(), capture_output=True, text=True,
                             timeout=300)
     return out, ok(result)

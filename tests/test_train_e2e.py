@@ -8,30 +8,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures import free_port, make_synthetic_shards
+from tests.fixtures import make_synthetic_shards, run_env, two_rank_command
 
 REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 pytestmark = pytest.mark.slow
 
 
-def ds_env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    return env
-
-
 def launch(args, timeout=300, **popen):
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]
-    return subprocess.run(command, cwd=REPO, env=ds_env(), capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    return subprocess.run(two_rank_command(args), cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=timeout, **popen)
 
 
 def scalars(tb_dir: Path) -> dict:
@@ -112,8 +102,7 @@ def test_kill_minus_nine_then_resume_at_the_same_step(shards, teacher, tmp_path)
     args = ["--stage", "distill", *common(shards, tmp_path, 400), "--save-every", "3",
             "--eval-every", "1000", "--teacher", str(teacher / "teacher"), "--teacher-zero", "3",
             "--candidates", "6", "--hard-negatives", "3"]
-    command = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]
-    proc = subprocess.Popen(command, cwd=REPO, env=ds_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(two_rank_command(args), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     latest = tmp_path / "checkpoints" / "latest"
     deadline = time.time() + 240
