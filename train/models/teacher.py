@@ -438,16 +438,19 @@ class FilmCrossEncoder(CrossEncoder):
         return x
 
     def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
-        image_features = self.stem(pixel_values).contiguous(memory_format=torch.channels_last)  # [I, C, 8, 8]
-        _, caption = self.caption_encoder(input_ids, attention_mask)  # [T, 2H]
-        film_params = self.film(caption)                              # [T, blocks, 2, C]
         if torch.is_grad_enabled():  # teacher training: one graph over the pairs
+            image_features = self.stem(pixel_values).contiguous(memory_format=torch.channels_last)
+            (film_params,) = self.encode_text_side(input_ids, attention_mask)
             logits, _ = self.head(self._fused_features(image_features, film_params, image_index, text_index))
             return logits
+        image_side = self.encode_image_side(pixel_values)
+        text_side = self.encode_text_side(input_ids, attention_mask)
         slices = self._slice_count(image_index.numel(), image_index.device)
-        if slices == 1:
-            return self.head(self._fused_features(image_features, film_params, image_index, text_index))[0]
-        first_pre = self.blocks[0](image_features)                    # once per unique image
+        return self._score_in_slices(image_side, text_side, image_index, text_index, slices)
+
+    def _score_in_slices(self, image_side, text_side, image_index, text_index, slices):
+        image_features, first_pre = image_side
+        (film_params,) = text_side
         return torch.cat([
             self.head(self._fused_features(image_features, film_params, images, texts, first_pre))[0]
             for images, texts in zip(image_index.tensor_split(slices), text_index.tensor_split(slices))])
@@ -465,13 +468,8 @@ class FilmCrossEncoder(CrossEncoder):
         return (self.film(caption),)
 
     def score_encoded(self, image_side, text_side, image_index, text_index):
-        image_features, first_pre = image_side
-        (film_params,) = text_side
-        size = self.pairs_per_slice
-        return torch.cat([
-            self.head(self._fused_features(image_features, film_params, image_index[s:s + size],
-                                           text_index[s:s + size], first_pre))[0]
-            for s in range(0, image_index.numel(), size)])
+        slices = self._slice_count(image_index.numel(), image_index.device)
+        return self._score_in_slices(image_side, text_side, image_index, text_index, slices)
 
     def _masked_word_logits(self, pixel_values, input_ids, attention_mask):
         if self.word_head is None:
