@@ -376,3 +376,19 @@ def test_ranked_top_equals_a_full_stable_sort_even_with_ties():
         scores = torch.randint(0, 4, (rows, columns), generator=generator).float()
         expected = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :depth]
         assert torch.equal(ranked_top(scores, depth), expected)
+
+
+def test_film_cached_sides_with_nothing_on_this_rank(tiny_shards, monkeypatch):
+    """A gallery smaller than the world leaves a rank with no images (all pairs) or no pairs: its
+    cached-side path must encode nothing and return an empty block, not fail."""
+    from train import evaluation
+    from train.evaluation import read_eval_split
+    from train.models.presets import build_teacher
+    teacher = build_teacher("film-tiny", tiny_shards / "tokenizer").eval()
+    split = read_eval_split(tiny_shards, "test", image_size=teacher.image_size).subset(1, 2)
+    blocks = []
+    monkeypatch.setattr(evaluation, "gather_blocks", lambda local, total, world: blocks.append(local) or
+                        torch.zeros(total, *local.shape[1:]))
+    teacher_all_pairs(teacher, split, rank=1, world_size=2, progress=False)
+    teacher_pair_scores(teacher, split, torch.tensor([0]), torch.tensor([1]), rank=1, world_size=2)
+    assert [tuple(block.shape) for block in blocks] == [(0, 2), (0,)]

@@ -210,6 +210,13 @@ def _by_length(captions: Sequence[str]) -> List[int]:
     return sorted(range(len(captions)), key=lambda t: len(captions[t]))
 
 
+def _in_listed_order(in_length_order: torch.Tensor, order: List[int]) -> torch.Tensor:
+    """Rows computed in `order` (from _by_length) put back in the listed order."""
+    listed = torch.empty_like(in_length_order)
+    listed[torch.tensor(order, dtype=torch.long, device=in_length_order.device)] = in_length_order
+    return listed
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="pair", unit_scale=True, disable=not enabled,
@@ -252,10 +259,7 @@ def embed_texts(student, captions: Sequence[str], batch_size: int = 256) -> torc
         for start in range(0, len(order), batch_size):
             batch = [captions[t] for t in order[start:start + batch_size]]
             pieces.append(_unwrap(student).encode_text(*_tokens(student, batch, device)).float().cpu())
-    in_length_order = torch.cat(pieces)
-    texts = torch.empty_like(in_length_order)
-    texts[torch.tensor(order, dtype=torch.long)] = in_length_order
-    return texts
+    return _in_listed_order(torch.cat(pieces), order)
 
 
 def embed_split(student, split: EvalSplit, batch_size: int = 256, cache_dir=None) -> SplitEmbeddings:
@@ -330,7 +334,8 @@ def _side_scorer(teacher):
 
 
 def _concat_sides(parts: List[tuple]) -> tuple:
-    return tuple(torch.cat([part[i] for part in parts]) for i in range(len(parts[0])))
+    """Batches of encoded sides joined row-wise; no batches (nothing to encode) give ()."""
+    return tuple(torch.cat(rows) for rows in zip(*parts))
 
 
 def encode_teacher_sides(module, split: EvalSplit, images: torch.Tensor, captions: torch.Tensor,
@@ -348,10 +353,7 @@ def encode_teacher_sides(module, split: EvalSplit, images: torch.Tensor, caption
     text_side = _concat_sides([
         module.encode_text_side(*_tokens(module, [texts[i] for i in order[s:s + batch_size]], device))
         for s in range(0, len(order), batch_size)])
-    restore = torch.empty(len(order), dtype=torch.long)
-    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    restore = restore.to(device)
-    return image_side, tuple(part.index_select(0, restore) for part in text_side)
+    return image_side, tuple(_in_listed_order(part, order) for part in text_side)
 
 
 def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 4,
@@ -377,8 +379,7 @@ def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 4,
     bar = _progress((end - start) * split.num_captions, f"teacher all pairs (rank {rank})",
                     progress and rank == 0)
     columns = [torch.tensor(chunk, dtype=torch.long) for chunk in caption_chunks]
-    # (a rank with no images of its own, in a gallery smaller than the world, has nothing to encode)
-    scorer = _side_scorer(teacher) if end > start else None
+    scorer = _side_scorer(teacher)
     with _evaluating(teacher):
         if scorer is not None:
             image_side, text_side = encode_teacher_sides(scorer, split, torch.arange(start, end),
@@ -437,7 +438,7 @@ def teacher_pair_scores(teacher, split: EvalSplit, image_index: torch.Tensor,
     local = torch.empty(end - start)
     bar = _progress(end - start, f"teacher pairs (rank {rank})", progress and rank == 0)
     local_order = order[start:end]
-    scorer = _side_scorer(teacher) if end > start else None
+    scorer = _side_scorer(teacher)
     with _evaluating(teacher):
         if scorer is not None:
             # Each distinct image and caption of this rank's pairs is encoded once: a rerank's
