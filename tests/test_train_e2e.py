@@ -64,6 +64,22 @@ def test_teacher_stage_trains_and_exports(teacher):
     assert "val/binding_acc" in tb
 
 
+def test_teacher_stage_with_negatives_picked_by_a_saved_student(shards, teacher, tmp_path):
+    """--negatives-student: a frozen student ranks each batch and its most similar captions / images
+    become the teacher's similar negatives; the run fine-tunes the trained teacher and saves the
+    recipe beside it."""
+    from train.models.presets import build_student
+    build_student("student-tiny", tokenizer_dir=shards / "tokenizer").save_pretrained(tmp_path / "ranker")
+    result = launch(["--stage", "teacher", *common(shards, tmp_path / "run", 3), "--teacher",
+                     str(teacher / "teacher"), "--negatives-student", str(tmp_path / "ranker"),
+                     "--similar-negatives", "2"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["teacher_loss"]
+    assert saved["negatives_student"] == str(tmp_path / "ranker") and saved["similar_negatives"] == 2
+    losses = [v for _, v in scalars(tmp_path / "run" / "tb")["train/loss"]]
+    assert len(losses) == 3 and all(v == v for v in losses)
+
+
 def test_student_stage_lowers_the_loss(shards, tmp_path):
     result = launch(["--stage", "student", *common(shards, tmp_path, 16), "--lr", "3e-3"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -162,9 +162,8 @@ class TeacherObjective:
             with torch.no_grad():
                 student = self.negatives_student
                 tokens = student.tokenize(list(batch["captions"]))
-                images = student.encode_image(student.preprocess_images(batch["pixels"]))
-                texts = student.encode_text(tokens["input_ids"].to(self.dev),
-                                            tokens["attention_mask"].to(self.dev))
+                images, texts = student(student.preprocess_images(batch["pixels"]),
+                                        tokens["input_ids"].to(self.dev), tokens["attention_mask"].to(self.dev))
                 similarity = images @ texts.t()
         with timer.section("teacher"):
             result = teacher_matching_loss(self.engine, batch, self.loss_cfg, similarity=similarity)
