@@ -17,10 +17,9 @@ def _worker(rank, world_size, port, tokenizer_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    import deepspeed
     from train import engine as ds_engine
     from train.models.presets import build_teacher
-    deepspeed.init_distributed(dist_backend="gloo")
+    ds_engine.init_distributed()
     try:
         torch.manual_seed(0)
         teacher = build_teacher("film-tiny", tokenizer_dir).eval()

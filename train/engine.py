@@ -21,6 +21,21 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 # ----------------------------------------------------------------------------- distributed
 
+def import_deepspeed():
+    """Import DeepSpeed with its CPU shared-memory all-reduce op marked unavailable.
+
+    On a CPU accelerator DeepSpeed JIT-compiles that op (g++, 30-40 s) the first time any process
+    group starts on a fresh machine. It serves only `inference_all_reduce` (DeepSpeed-Inference
+    tensor parallelism), which neither training nor evaluation calls. In CI the compile stalled past
+    a test's 10-minute limit, and the killed build left every later launch failing on a missing .so,
+    so we keep DeepSpeed on its plain gloo/NCCL collectives instead. CUDA builds have no such op.
+    """
+    import deepspeed
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def accelerator():
     from deepspeed.accelerator import get_accelerator
     return get_accelerator()
@@ -28,7 +43,7 @@ def accelerator():
 
 def init_distributed() -> tuple[int, int]:
     """Start the process group when launched with several ranks; returns (rank, world_size)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name())
@@ -159,7 +174,7 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
 
 def build_student_engine(model, ds: dict, lr: float, weight_decay: float, warmup_steps: int,
                          total_steps: int, schedule: str):
-    import deepspeed
+    deepspeed = import_deepspeed()
     optimizer = build_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule))
@@ -170,7 +185,7 @@ def build_student_engine(model, ds: dict, lr: float, weight_decay: float, warmup
 
 def build_teacher_engine(teacher, student_ds: dict, stage: int):
     """Wrap the frozen teacher as an inference-only DeepSpeed engine (no optimizer)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
