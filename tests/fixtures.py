@@ -182,8 +182,8 @@ def free_port() -> int:
 
 
 def run_env(**extra) -> dict:
-    """The environment of a launched training run: one thread per rank, nothing from the hub, the
-    shm comm op built once into the repo's cache (scripts/setup.sh's place for it)."""
+    """The environment of a launched training run: one thread per rank, nothing from the hub, any
+    DeepSpeed op that JIT-compiles cached in the repo (scripts/setup.sh's place for them)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

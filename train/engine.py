@@ -27,8 +27,10 @@ def import_deepspeed():
     On a CPU accelerator DeepSpeed JIT-compiles that op (g++, 30-40 s) the first time any process
     group starts on a fresh machine. It serves only `inference_all_reduce` (DeepSpeed-Inference
     tensor parallelism), which neither training nor evaluation calls. In CI the compile stalled past
-    a test's 10-minute limit, and the killed build left every later launch failing on a missing .so,
-    so we keep DeepSpeed on its plain gloo/NCCL collectives instead. CUDA builds have no such op.
+    a test's 10-minute limit, and the killed build left every later launch failing on a missing .so;
+    and every run killed mid-way left the op's 69 MB per rank in /dev/shm (22 GB on this machine
+    after a day of runs, then the OOM killer). So DeepSpeed stays on its plain gloo/NCCL collectives
+    here. CUDA builds have no such op.
     """
     import deepspeed
     import deepspeed.ops
