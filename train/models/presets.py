@@ -97,6 +97,9 @@ def build_teacher(spec, tokenizer_dir=None):
         return teacher_from_preset(spec, tokenizer_dir)
     if spec.startswith("meter-"):
         return _meter_module().build_meter_teacher(spec, tokenizer_dir)
+    if spec.startswith("scene-oracle:"):  # ground truth of the synthetic scenes (DCD's upper bound)
+        from train.models.oracle import build_scene_oracle
+        return build_scene_oracle(spec)
     path = Path(spec)
     if path.is_dir():
         config = read_config(path)
@@ -118,7 +121,7 @@ def build_teacher(spec, tokenizer_dir=None):
             raise ValueError(f"teacher hub id {spec!r} is a {model_type!r} model, not ViLT")
         return ViltCrossEncoder.from_transformers(spec, tokenizer_dir)
     raise ValueError(f"unknown teacher spec {spec!r}: not a preset ({', '.join(TEACHER_PRESETS)}, "
-                     f"meter-*), an existing folder or a hub id")
+                     f"meter-*, scene-oracle:SHARDS), an existing folder or a hub id")
 
 
 def load_teacher(folder):
