@@ -61,3 +61,20 @@ def test_shards_without_scenes_are_refused_in_one_line(tmp_path):
                       "--out", str(out), "--no-tokenizer", "--quiet"])
     with pytest.raises(ValueError, match=r"is not made by make_shards --source synthetic"):
         build_teacher(f"scene-oracle:{out}")
+
+
+def test_ambiguity_report_on_a_hand_made_gallery():
+    from tools.false_negatives import ambiguity_report
+    # 2 images x 4 captions (0, 1 of image 0; 2, 3 of image 1); caption 2 is also true of image 0
+    own = torch.tensor([0, 0, 1, 1])
+    truth = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    # the student ranks caption 3 (false for image 0) first for image 0, and image 0 first for caption 3
+    student = torch.tensor([[0.1, 0.2, 0.3, 0.9], [0.0, 0.1, 0.5, 0.4]])
+    report = ambiguity_report(truth, student, own, seeds=2)
+    assert report["true_captions_per_image"] == 2.5 and report["captions_true_of_other_images"] == 0.25
+    assert report["student"]["tr_r1"] == 50.0 and report["student"]["ir_r1"] == 75.0
+    # truth first fixes caption 3 (-> image 1); image 0's best true caption is caption 2, which is
+    # true of it but not its own: a TR miss that no teacher can turn into a hit
+    assert report["truth_then_student"]["tr_r1"] == 50.0 and report["truth_then_student"]["ir_r1"] == 100.0
+    assert report["student_top10_true"] == 5 / 8
+    assert 0.0 <= report["truth_random_ties"]["rsum"] <= 600.0
