@@ -114,6 +114,18 @@ def test_distill_with_zero3_teacher(shards, teacher, tmp_path):
     assert (tmp_path / "student" / "model.safetensors").is_file()
 
 
+def test_distill_from_the_scene_oracle_under_zero3(shards, tmp_path):
+    """The ground-truth teacher through the real DCD path: candidates cross ranks as uint8 pixels and
+    caption ids, the oracle recognises them (at the loader's size, 64, not the shards' 32)."""
+    result = launch(["--stage", "distill", *common(shards, tmp_path, 3), "--teacher",
+                     f"scene-oracle:{shards}", "--teacher-zero", "3", "--image-size", "64",
+                     "--candidates", "6", "--hard-negatives", "3"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    margins = [value for _, value in scalars(tmp_path / "tb")["train/teacher_margin"]]
+    assert margins and all(0.0 <= m <= 10.0 for m in margins), margins  # logits are +5 or -5 only
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
 def test_kill_minus_nine_then_resume_at_the_same_step(shards, teacher, tmp_path):
     args = ["--stage", "distill", *common(shards, tmp_path, 400), "--save-every", "3",
             "--eval-every", "1000", "--teacher", str(teacher / "teacher"), "--teacher-zero", "3",

@@ -66,13 +66,13 @@ class SceneOracle(CrossEncoder):
             raise ValueError(f"scene-oracle: {shards_dir} is not made by make_shards --source synthetic "
                              f"(its manifests name no synthetic source and image size)")
         image_size = int(synthetic[0]["image_size"])
-        scene_of_image, captions = {}, set()  # pixel hash -> tuple of SceneObject; every caption
+        encoded_images, captions = [], set()  # (image bytes, tuple of SceneObject); every caption
         for split, manifest in manifests:
             for path in manifest["paths"]:
                 for raw in data.read_shard(path):
                     try:
                         meta = data.sample_meta(raw)
-                        pixels = data.decode_image(data.image_bytes(raw), image_size)
+                        image = data.image_bytes(raw)
                         texts = data.sample_captions(raw, meta)
                     except data.SampleError:
                         continue  # a corrupt sample never reaches a teacher either
@@ -80,19 +80,21 @@ class SceneOracle(CrossEncoder):
                     if objects is None:
                         raise ValueError(f"scene-oracle: sample {raw.get('__key__')} of {path} has no "
                                          f"source.objects in its json")
-                    scene_of_image[_pixels_key(torch.from_numpy(pixels))] = tuple(
+                    encoded_images.append((image, tuple(
                         scenes.SceneObject(o["shape"], o["colour"], o["size"], (o["row"], o["col"]))
-                        for o in objects)
+                        for o in objects)))
                     captions.update(texts)
         super().__init__(tokenizer=None, max_length=1, image_size=image_size,
                          image_mean=[0.0] * 3, image_std=[1.0] * 3)
         self._scenes = scenes
-        self.scene_of_image = scene_of_image
+        self._encoded_images = encoded_images
+        self._scene_tables = {}  # image size -> {pixel hash: scene}
         self.captions = sorted(captions)
         self.caption_id = {text: i + 1 for i, text in enumerate(self.captions)}  # 0 pads
         self.claims = [None] + [scenes.read_caption(text) for text in self.captions]
-        # the one parameter: DeepSpeed wraps only modules that have parameters
-        self.margin = nn.Parameter(torch.tensor(float(margin)), requires_grad=False)
+        # the one parameter: DeepSpeed wraps only modules that have parameters (and broadcasts them
+        # as bytes, which a 0-dim tensor cannot be viewed as)
+        self.margin = nn.Parameter(torch.tensor([float(margin)]), requires_grad=False)
 
     def preprocess_images(self, pixels):
         return pixels.float()  # exact uint8 values: the hash must see the loader's bytes
@@ -104,11 +106,22 @@ class SceneOracle(CrossEncoder):
         ids = torch.tensor([[self.caption_id[c]] for c in captions], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
+    def _scene_table(self, size: int) -> dict:
+        """Pixel hash -> scene for images decoded at `size` (the loader's --image-size may differ
+        from the size the shards were written at), built on first use."""
+        if size not in self._scene_tables:
+            from train import data
+            self._scene_tables[size] = {
+                _pixels_key(torch.from_numpy(data.decode_image(image, size))): scene
+                for image, scene in self._encoded_images}
+        return self._scene_tables[size]
+
     def scene(self, pixel_values_one: torch.Tensor):
+        table = self._scene_table(int(pixel_values_one.shape[-1]))
         key = _pixels_key(pixel_values_one.detach().cpu().round().to(torch.uint8))
-        if key not in self.scene_of_image:
+        if key not in table:
             raise ValueError("scene-oracle: an image that is not in the shards it was built from")
-        return self.scene_of_image[key]
+        return table[key]
 
     def truth(self, pixel_values, input_ids, image_index, text_index) -> torch.Tensor:
         """bool [N]: caption text_index[n] is true of image image_index[n]."""
@@ -122,11 +135,11 @@ class SceneOracle(CrossEncoder):
 
     def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
         true = self.truth(pixel_values, input_ids, image_index, text_index)
-        margin = self.margin.to(pixel_values.device)
+        margin = self.margin[0].to(pixel_values.device)
         return torch.where(true, margin, -margin)
 
     def config_dict(self):
-        return {"backend": self.backend, "margin": float(self.margin)}
+        return {"backend": self.backend, "margin": float(self.margin[0])}
 
 
 def build_scene_oracle(spec: str) -> SceneOracle:
