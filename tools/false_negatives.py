@@ -1,6 +1,6 @@
 """How ambiguous a synthetic split is, and how much a perfect teacher could still add to a student.
 
-    python tools/false_negatives.py --shards shards/synthetic --split test --student runs/dcd/student
+    python tools/false_negatives.py --shards shards/synthetic --split test --student runs/dcd/student [MORE ...]
 
 Recall counts only an image's OWN captions as right, but a synthetic caption such as "a red circle"
 is true of many scenes. With the scene-oracle teacher (ground truth, `train/models/oracle.py`) this
@@ -11,7 +11,8 @@ prints, on a gallery of the split:
 - the student's recall, and the recall of "truth first, the student's order among equals": the
   ceiling for a student that never ranks a false caption above a true one;
 - how many of the student's top-10 captions per image are true (what DCD's candidates look like).
-Prints one JSON object last.
+Several students share one truth matrix (5,000,000 claim checks at 1,000 x 5,000: about a minute).
+Prints one JSON object last: {"students": [report per student]}.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shards", default="shards/synthetic", help="synthetic shards folder")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--student", required=True, help="student folder")
+    parser.add_argument("--student", required=True, nargs="+", help="student folder(s)")
     parser.add_argument("--max-images", type=int, default=None, help="first N images (default all)")
     parser.add_argument("--seeds", type=int, default=3, help="random tie orders to average")
     args = parser.parse_args(argv)
@@ -76,17 +77,20 @@ def main(argv=None) -> int:
     oracle = build_scene_oracle(f"scene-oracle:{args.shards}")
     split = read_eval_split(args.shards, args.split, max_images=args.max_images)
     truth = truth_matrix(oracle, split)
-    student = student_scores(embed_split(build_student(args.student), split))
-    report = ambiguity_report(truth, student, split.caption_image_index, args.seeds)
-    report.update(split=args.split, student_folder=args.student, seconds=round(time.perf_counter() - start, 1))
-    print(f"{report['images']} images x {report['captions']} captions: "
-          f"{report['true_captions_per_image']:.1f} captions true of each image (5 its own); "
-          f"{100 * report['captions_true_of_other_images']:.1f}% of captions true of another image too")
-    for name in ("truth_random_ties", "student", "truth_then_student"):
-        m = report[name]
-        print(f"  {name:<20} TR R@1 {m['tr_r1']:5.1f}  IR R@1 {m['ir_r1']:5.1f}  RSUM {m['rsum']:6.1f}")
-    print(f"  student top-10 captions per image that are true: {100 * report['student_top10_true']:.1f}%")
-    print(json.dumps(report))
+    reports = []
+    for folder in args.student:
+        student = student_scores(embed_split(build_student(folder), split))
+        report = ambiguity_report(truth, student, split.caption_image_index, args.seeds)
+        report.update(split=args.split, student_folder=folder)
+        reports.append(report)
+        print(f"{folder}: {report['images']} images x {report['captions']} captions, "
+              f"{report['true_captions_per_image']:.1f} captions true of each image (5 its own), "
+              f"{100 * report['captions_true_of_other_images']:.1f}% of captions true of another image too")
+        for name in ("truth_random_ties", "student", "truth_then_student"):
+            m = report[name]
+            print(f"  {name:<20} TR R@1 {m['tr_r1']:5.1f}  IR R@1 {m['ir_r1']:5.1f}  RSUM {m['rsum']:6.1f}")
+        print(f"  student top-10 captions per image that are true: {100 * report['student_top10_true']:.1f}%")
+    print(json.dumps({"students": reports, "seconds": round(time.perf_counter() - start, 1)}))
     return 0
 
 
