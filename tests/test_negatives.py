@@ -5,7 +5,8 @@ import torch
 from train.distill.dcd import DCDConfig, dcd_loss
 from train.distill.gather import SingleProcess
 from train.distill.losses import hard_negative_ce_per_sample, kd_loss_per_sample
-from train.distill.negatives import (candidate_set_logits, random_candidates, random_pool_candidates,
+from train.distill.negatives import (MASKED_LOGIT, candidate_set_logits, likely_false_negatives,
+                                     random_candidates, random_pool_candidates,
                                      student_proposals, teacher_ranked_negatives)
 
 
@@ -127,3 +128,55 @@ def test_dcd_keeps_teacher_and_student_aligned_when_the_teacher_prefers_a_negati
 def test_dcd_config_rejects_unknown_settings(bad):
     with pytest.raises(ValueError):
         DCDConfig(**bad)
+
+
+def test_likely_false_negatives_and_masked_candidate_columns():
+    teacher = torch.tensor([[2.0, 0.5, 1.9, -1.0]])
+    assert likely_false_negatives(teacher, torch.tensor([1.8]), 0.0).tolist() == [[True, False, True, False]]
+    assert likely_false_negatives(teacher, torch.tensor([1.8]), 1.5).tolist() == [[True, True, True, False]]
+    student = torch.tensor([[3.0, 1.0, 2.0]], requires_grad=True)
+    valid = torch.tensor([[True, False]])
+    masked = candidate_set_logits(student[:, 0], student[:, 1:], valid)
+    assert masked[0, 2].item() == MASKED_LOGIT
+    # the masked column carries no probability and no gradient; KL and CE stay finite
+    loss = hard_negative_ce_per_sample(masked) + kd_loss_per_sample(masked, masked.detach() + 0.5)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and student.grad[0, 2].item() == 0.0
+    assert hard_negative_ce_per_sample(masked).item() == pytest.approx(
+        hard_negative_ce_per_sample(student[:, :2]).item(), abs=1e-6)
+
+
+def test_dcd_false_negative_margin_leaves_out_what_the_teacher_scores_like_the_positive():
+    """Query 0's teacher scores captions 2 and 3 (like) above its positive: with the margin they leave
+    the candidate set and the next-best proposals the teacher ranks below the positive are taken."""
+    torch.manual_seed(0)
+    G, D, M, K = 5, 4, 4, 2
+    image_emb = torch.nn.functional.normalize(torch.randn(G, D), dim=1).requires_grad_()
+    text_emb = torch.nn.functional.normalize(torch.randn(G, D), dim=1)
+    scale = torch.tensor(3.0)
+    table = torch.randn(G, G) - 3.0  # every other pair well below ...
+    table[torch.arange(G), torch.arange(G)] = 1.0  # ... each positive
+    table[0, 1:] = torch.tensor([-1.0, 5.0, 1.2, -2.0])  # query 0: captions 2 and 3 score >= 1 - 0.5
+    pixels = torch.arange(G, dtype=torch.uint8).view(G, 1, 1, 1).expand(G, 3, 2, 2).contiguous()
+    texts = {"input_ids": torch.arange(G).view(G, 1), "attention_mask": torch.ones(G, 1, dtype=torch.long)}
+    cfg = DCDConfig(candidates=M, hard_negatives=K, alpha=0.5, lambda_itc=0.0, weighting="none",
+                    directions=("i2t",), false_negative_margin=0.5)
+    loss, logs = dcd_loss(image_emb, text_emb, scale, torch.arange(G), pixels, texts,
+                          _lookup_teacher(table), SingleProcess(), cfg)
+    student = scale * image_emb.detach() @ text_emb.t()
+    expected, dropped = [], 0
+    for i in range(G):
+        proposed = sorted([j for j in range(G) if j != i], key=lambda j: -student[i, j].item())[:M]
+        kept = [j for j in proposed if table[i, j] < table[i, i] - 0.5]
+        dropped += M - len(kept)
+        negatives = sorted(kept, key=lambda j: -table[i, j].item())[:K]
+        teacher_set = table[i, [i] + negatives].view(1, -1)
+        student_set = student[i, [i] + negatives].view(1, -1)
+        expected.append(0.5 * kd_loss_per_sample(student_set, teacher_set) +
+                        0.5 * hard_negative_ce_per_sample(student_set))
+    assert dropped == 2
+    assert loss.item() == pytest.approx(torch.cat(expected).mean().item(), abs=1e-5)
+    assert logs["false_negatives_dropped"].item() == pytest.approx(dropped / (G * M))
+    assert logs["teacher_accuracy"].item() == 1.0  # what is left, the teacher ranks below the positive
+    with pytest.raises(ValueError):
+        DCDConfig(negatives_from="random", false_negative_margin=0.0)

@@ -61,6 +61,10 @@ class DistillConfig:
     # 16 -> 1.96x; the InfoNCE term still covers the whole pool either way.
     distill_queries: Optional[int] = 16
     negatives_from: str = "teacher"      # teacher | random (ablation: KD without teacher ranking)
+    # Leave out of the candidate set the proposals the teacher scores within this many logits of
+    # the positive, or above it (likely false negatives: train/distill/negatives.py); None = off,
+    # the published method. On the synthetic data ~55 captions are true of each of 1,000 images.
+    false_negative_margin: Optional[float] = None
     # Steps over which the KD and hard-negative terms ramp linearly from 0 to full weight (InfoNCE
     # is full from the start); 0 = off. From scratch the student's first proposals are random and
     # every DCD run lagged the contrastive one most early on (val 423.5 vs 447.0 at step 200).
@@ -252,6 +256,9 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         raise ConfigError(f"distill.kd_loss: '{dist.kd_loss}' (use kl or mse)")
     if dist.negatives_from not in ("teacher", "random"):
         raise ConfigError(f"distill.negatives_from: '{dist.negatives_from}' (use teacher or random)")
+    if dist.false_negative_margin is not None and dist.negatives_from != "teacher":
+        raise ConfigError("distill.false_negative_margin needs negatives_from teacher (the teacher "
+                          "decides what is a likely false negative)")
     directions = [x.strip() for x in dist.directions.split(",") if x.strip()]
     if not directions or any(x not in ("i2t", "t2i") for x in directions):
         raise ConfigError(f"distill.directions: '{dist.directions}' (use i2t, t2i or i2t,t2i)")

@@ -32,8 +32,8 @@ from .gather import (Collectives, fetch_pool_rows, gathered_offset, local_logits
                      pad_to_common_length)
 from .losses import (KD_KINDS, WEIGHTING_SCHEMES, dynamic_weights, hard_negative_ce_per_sample,
                      info_nce, kd_loss_per_sample, normalize_weights)
-from .negatives import (candidate_set_logits, random_candidates, random_pool_candidates,
-                        student_proposals, teacher_ranked_negatives)
+from .negatives import (MASKED_LOGIT, candidate_set_logits, likely_false_negatives, random_candidates,
+                        random_pool_candidates, student_proposals, teacher_ranked_negatives)
 
 DIRECTIONS = ("i2t", "t2i")
 NEGATIVE_SOURCES = ("teacher", "random", "random_pool")
@@ -65,6 +65,9 @@ class DCDConfig:
         teacher's cost, which PLATFORM_NOTES measured as the step's dominant share.
     negatives_from: "teacher" (DCD) | "random" (ablation: K random of the student's M proposals,
         no teacher ranking) | "random_pool" (K random non-positives from the whole pool).
+    false_negative_margin: None = the method as published; X = proposals the teacher scores at
+        least (positive - X) are left out before the top K are taken (``likely_false_negatives``):
+        rows with fewer than K left keep only those. Teacher ranking only.
     candidate_transport: "all_to_all" (only the selected candidates' raw inputs move) |
         "all_gather" (every rank's raw inputs move; simpler).
     """
@@ -79,6 +82,7 @@ class DCDConfig:
     directions: Tuple[str, ...] = DIRECTIONS
     distill_queries: Optional[int] = None
     negatives_from: str = "teacher"
+    false_negative_margin: Optional[float] = None
     candidate_transport: str = "all_to_all"
 
     def __post_init__(self):
@@ -90,6 +94,8 @@ class DCDConfig:
             (len(set(self.directions)) == len(self.directions), "directions repeated"),
             (self.negatives_from in NEGATIVE_SOURCES,
              f"negatives_from {self.negatives_from!r} not in {NEGATIVE_SOURCES}"),
+            (self.false_negative_margin is None or self.negatives_from == "teacher",
+             "false_negative_margin needs negatives_from 'teacher'"),
             (self.candidate_transport in TRANSPORTS,
              f"candidate_transport {self.candidate_transport!r} not in {TRANSPORTS}"),
             (self.candidates >= 1 and self.hard_negatives >= 1, "candidates and hard_negatives must be >= 1"),
@@ -252,17 +258,25 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
     teacher_positive = teacher_pair_logits[:n_queries]
 
     # Step 5: candidate sets, positive at column 0 for teacher and student alike.
-    per_direction = {}
+    per_direction, false_negative_fraction = {}, []
     for d in cfg.directions:
         start, n_scored = spans[d]
         teacher_scored = teacher_pair_logits[start:start + n_queries * n_scored].view(n_queries, n_scored)
-        if cfg.negatives_from == "teacher":
+        valid = None
+        if cfg.negatives_from == "teacher" and cfg.false_negative_margin is not None:
+            dropped = likely_false_negatives(teacher_scored, teacher_positive, cfg.false_negative_margin)
+            false_negative_fraction.append(dropped.float().mean())
+            negative_index, teacher_negatives = teacher_ranked_negatives(
+                teacher_scored.masked_fill(dropped, float("-inf")), scored[d], K)
+            valid = torch.isfinite(teacher_negatives)
+        elif cfg.negatives_from == "teacher":
             negative_index, teacher_negatives = teacher_ranked_negatives(teacher_scored, scored[d], K)
         else:
             negative_index, teacher_negatives = scored[d], teacher_scored
         student_rows = pool.logits[d][:n_queries]  # with gradient
-        student_set = candidate_set_logits(student_rows[query, own], student_rows.gather(1, negative_index))
-        teacher_set = candidate_set_logits(teacher_positive, teacher_negatives)
+        student_set = candidate_set_logits(student_rows[query, own], student_rows.gather(1, negative_index),
+                                           valid)
+        teacher_set = candidate_set_logits(teacher_positive, teacher_negatives, valid)
         per_direction[d] = dict(
             student_set=student_set, teacher_set=teacher_set, negative_index=negative_index,
             raw_weights=dynamic_weights(teacher_set, student_set, cfg.weighting),
@@ -288,10 +302,14 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
     # Logs.
     weights = torch.cat(weights)
     teacher_sets = torch.cat([p["teacher_set"] for p in per_direction.values()])
+    if false_negative_fraction:
+        logs["false_negatives_dropped"] = torch.stack(false_negative_fraction).mean()
     if teacher_sets.shape[1] > 1:
         best_negative = teacher_sets[:, 1:].max(dim=1).values
-        logs["teacher_margin"] = (teacher_sets[:, 0] - best_negative).mean()
-        logs["teacher_accuracy"] = (teacher_sets[:, 0] > best_negative).float().mean()
+        has_negative = best_negative > MASKED_LOGIT / 2  # rows whose every negative was left out
+        if bool(has_negative.any()):
+            logs["teacher_margin"] = (teacher_sets[:, 0] - best_negative)[has_negative].mean()
+            logs["teacher_accuracy"] = (teacher_sets[has_negative, 0] > best_negative[has_negative]).float().mean()
     if cfg.negatives_from == "teacher":
         # Fraction of the teacher's top-K that are also among the student's top-K of the M
         # proposals (the proposals are sorted by student similarity).
