@@ -89,16 +89,21 @@ def _lookup_teacher(table):
     return score
 
 
-def test_dcd_keeps_teacher_and_student_aligned_when_the_teacher_prefers_a_negative():
+def _toy_pool(G, D):
+    """Seeded unit embeddings; pixels and token ids that carry the pool position (_lookup_teacher)."""
     torch.manual_seed(0)
-    G, D, M, K = 5, 4, 3, 2
     image_emb = torch.nn.functional.normalize(torch.randn(G, D), dim=1).requires_grad_()
     text_emb = torch.nn.functional.normalize(torch.randn(G, D), dim=1)
-    scale = torch.tensor(3.0)
-    table = torch.randn(G, G)  # table[image, caption]
-    table[0, 0], table[0, 1:] = 1.0, torch.tensor([-1.0, 5.0, 4.0, -2.0])  # query 0 prefers captions 2, 3
     pixels = torch.arange(G, dtype=torch.uint8).view(G, 1, 1, 1).expand(G, 3, 2, 2).contiguous()
     texts = {"input_ids": torch.arange(G).view(G, 1), "attention_mask": torch.ones(G, 1, dtype=torch.long)}
+    return image_emb, text_emb, torch.tensor(3.0), pixels, texts
+
+
+def test_dcd_keeps_teacher_and_student_aligned_when_the_teacher_prefers_a_negative():
+    G, D, M, K = 5, 4, 3, 2
+    image_emb, text_emb, scale, pixels, texts = _toy_pool(G, D)
+    table = torch.randn(G, G)  # table[image, caption]
+    table[0, 0], table[0, 1:] = 1.0, torch.tensor([-1.0, 5.0, 4.0, -2.0])  # query 0 prefers captions 2, 3
     cfg = DCDConfig(candidates=M, hard_negatives=K, alpha=1.0, lambda_itc=0.0, weighting="none",
                     directions=("i2t",), kd_temperature=1.0)
     loss, logs = dcd_loss(image_emb, text_emb, scale, torch.arange(G), pixels, texts,
@@ -149,16 +154,11 @@ def test_likely_false_negatives_and_masked_candidate_columns():
 def test_dcd_false_negative_margin_leaves_out_what_the_teacher_scores_like_the_positive():
     """Query 0's teacher scores captions 2 and 3 (like) above its positive: with the margin they leave
     the candidate set and the next-best proposals the teacher ranks below the positive are taken."""
-    torch.manual_seed(0)
     G, D, M, K = 5, 4, 4, 2
-    image_emb = torch.nn.functional.normalize(torch.randn(G, D), dim=1).requires_grad_()
-    text_emb = torch.nn.functional.normalize(torch.randn(G, D), dim=1)
-    scale = torch.tensor(3.0)
+    image_emb, text_emb, scale, pixels, texts = _toy_pool(G, D)
     table = torch.randn(G, G) - 3.0  # every other pair well below ...
     table[torch.arange(G), torch.arange(G)] = 1.0  # ... each positive
     table[0, 1:] = torch.tensor([-1.0, 5.0, 1.2, -2.0])  # query 0: captions 2 and 3 score >= 1 - 0.5
-    pixels = torch.arange(G, dtype=torch.uint8).view(G, 1, 1, 1).expand(G, 3, 2, 2).contiguous()
-    texts = {"input_ids": torch.arange(G).view(G, 1), "attention_mask": torch.ones(G, 1, dtype=torch.long)}
     cfg = DCDConfig(candidates=M, hard_negatives=K, alpha=0.5, lambda_itc=0.0, weighting="none",
                     directions=("i2t",), false_negative_margin=0.5)
     loss, logs = dcd_loss(image_emb, text_emb, scale, torch.arange(G), pixels, texts,
