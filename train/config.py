@@ -58,8 +58,10 @@ class DistillConfig:
     # teacher's forward dominates a DCD step on CPU, and mostly through its image stem: t2i
     # candidates come from the whole pool, so 32 queries touched ~220 distinct images a step.
     # Measured on 2 CPU ranks x 128 (tools/benchmark.py train): 32 -> 2.48x a contrastive step,
-    # 16 -> 1.96x; the InfoNCE term still covers the whole pool either way.
-    distill_queries: Optional[int] = 16
+    # 16 -> 1.96x with the two-layer student; with the one-layer student-tiny (a cheaper contrastive
+    # step, the same teacher) 16 -> 2.17x in the pipeline, hence 12. The InfoNCE term still covers
+    # the whole pool either way.
+    distill_queries: Optional[int] = 12
     negatives_from: str = "teacher"      # teacher | random (ablation: KD without teacher ranking)
     # Leave out of the candidate set the proposals the teacher scores within this many logits of
     # the positive, or above it (likely false negatives: train/distill/negatives.py); None = off,
