@@ -58,10 +58,12 @@ class DistillConfig:
     # teacher's forward dominates a DCD step on CPU, and mostly through its image stem: t2i
     # candidates come from the whole pool, so 32 queries touched ~220 distinct images a step.
     # Measured on 2 CPU ranks x 128 (tools/benchmark.py train): 32 -> 2.48x a contrastive step,
-    # 16 -> 1.96x with the two-layer student; with the one-layer student-tiny (a cheaper contrastive
-    # step, the same teacher) 16 -> 2.17x in the pipeline, hence 12. The InfoNCE term still covers
-    # the whole pool either way.
-    distill_queries: Optional[int] = 12
+    # 16 -> 1.96x with the two-layer student. With the one-layer student-tiny (a cheaper contrastive
+    # step, the same teacher) the pipeline measured 16 -> 2.17x and 12 -> 2.08x: 16 x M = 16
+    # candidate images already touch most of a 256-image pool, and the teacher's image stem runs
+    # once per distinct image, so fewer queries barely save time (and 12 lost 9 RSUM). The InfoNCE
+    # term still covers the whole pool either way.
+    distill_queries: Optional[int] = 16
     negatives_from: str = "teacher"      # teacher | random (ablation: KD without teacher ranking)
     # Leave out of the candidate set the proposals the teacher scores within this many logits of
     # the positive, or above it (likely false negatives: train/distill/negatives.py); None = off,
