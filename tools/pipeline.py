@@ -24,7 +24,8 @@ from tools.report import write_results  # noqa: E402
 
 # Sizes of the default pipeline, chosen by measurement on a 2-core CPU to fit 15 minutes (README).
 # The teacher needs ~1,000-1,600 steps (~6 minutes for 1,600) to learn the binding and the rest
-# takes ~9 minutes, so the default pipeline copies the committed one (assets/teacher-film, trained by this same command) and --fresh retrains it.
+# takes ~9 minutes, so the default pipeline copies the committed one (assets/teacher-film, trained
+# by this same command) and --fresh retrains it.
 FULL = dict(train_images=20000, val_images=1000, test_images=1000, teacher_steps=1600,
             student_steps=400, distill_steps=400, eval_images=200, bench_images="100,300,1000",
             teacher_budget_s=60, shards="shards/synthetic", committed_teacher="assets/teacher-film")
