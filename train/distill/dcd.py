@@ -263,16 +263,16 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         start, n_scored = spans[d]
         teacher_scored = teacher_pair_logits[start:start + n_queries * n_scored].view(n_queries, n_scored)
         valid = None
-        if cfg.negatives_from == "teacher" and cfg.false_negative_margin is not None:
+        if cfg.negatives_from != "teacher":
+            negative_index, teacher_negatives = scored[d], teacher_scored
+        elif cfg.false_negative_margin is None:
+            negative_index, teacher_negatives = teacher_ranked_negatives(teacher_scored, scored[d], K)
+        else:  # likely false negatives rank last (-inf) and are masked where they still fill a row
             dropped = likely_false_negatives(teacher_scored, teacher_positive, cfg.false_negative_margin)
             false_negative_fraction.append(dropped.float().mean())
             negative_index, teacher_negatives = teacher_ranked_negatives(
                 teacher_scored.masked_fill(dropped, float("-inf")), scored[d], K)
             valid = torch.isfinite(teacher_negatives)
-        elif cfg.negatives_from == "teacher":
-            negative_index, teacher_negatives = teacher_ranked_negatives(teacher_scored, scored[d], K)
-        else:
-            negative_index, teacher_negatives = scored[d], teacher_scored
         student_rows = pool.logits[d][:n_queries]  # with gradient
         student_set = candidate_set_logits(student_rows[query, own], student_rows.gather(1, negative_index),
                                            valid)

@@ -67,7 +67,7 @@ class SceneOracle(CrossEncoder):
                              f"(its manifests name no synthetic source and image size)")
         image_size = int(synthetic[0]["image_size"])
         encoded_images, captions = [], set()  # (image bytes, tuple of SceneObject); every caption
-        for split, manifest in manifests:
+        for _, manifest in manifests:
             for path in manifest["paths"]:
                 for raw in data.read_shard(path):
                     try:
@@ -126,11 +126,12 @@ class SceneOracle(CrossEncoder):
     def truth(self, pixel_values, input_ids, image_index, text_index) -> torch.Tensor:
         """bool [N]: caption text_index[n] is true of image image_index[n]."""
         scenes_by_row = {}
+        caption_ids = input_ids[:, 0].tolist()  # one conversion, not a tensor index per pair
         out = []
         for image, text in zip(image_index.tolist(), text_index.tolist()):
             if image not in scenes_by_row:
                 scenes_by_row[image] = self.scene(pixel_values[image])
-            out.append(self._scenes.claim_holds(self.claims[int(input_ids[text, 0])], scenes_by_row[image]))
+            out.append(self._scenes.claim_holds(self.claims[caption_ids[text]], scenes_by_row[image]))
         return torch.tensor(out, dtype=torch.bool, device=pixel_values.device)
 
     def _score_pairs(self, pixel_values, input_ids, attention_mask, image_index, text_index):
