@@ -26,8 +26,8 @@ def test_records_images_and_captions():
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         assert rec["image_id"] == i and rec["group"] == i // 2 and rec["twin_id"] == i ^ 1
         assert len(rec["captions"]) == 5 and len(rec["false_for_twin"]) == 5
-        assert all(1 <= len(c.split()) <= 16 for c in rec["captions"])
-        assert 1 <= len(rec["objects"]) <= 3
+        assert all(1 <= len(c.split()) <= scenes.MAX_WORDS["specific"] for c in rec["captions"])
+        assert 2 <= len(rec["objects"]) <= 3
     with pytest.raises(ValueError, match="even"):
         list(scenes.generate_split(3, seed=0))
 
@@ -78,15 +78,16 @@ def test_relations_follow_grid_cells():
     assert not scenes.claim_holds(claim, swapped)
 
 
-def test_every_caption_template_says_what_its_claim_says():
+@pytest.mark.parametrize("style", scenes.CAPTION_STYLES)
+def test_every_caption_template_says_what_its_claim_says(style):
     """Read each template's text back with the independent reader: over many scenes, the text's
     meaning is true exactly where the template's claim is (a "with ... to its right" template once
     stated the opposite relation of its claim, and truth-checking the claim alone missed it)."""
-    pairs = [scenes.scene_pair(5, group) for group in range(80)]
+    pairs = [scenes.scene_pair(5, group, style) for group in range(80)]
     worlds = [p[0] for p in pairs] + [p[1] for p in pairs]
     checked = 0
     for index, objects in enumerate(worlds[:60]):
-        for text, claim in scenes.candidate_captions(objects, random.Random(index)):
+        for text, claim in scenes.CAPTION_TEMPLATES[style](objects, random.Random(index)):
             stated = scenes.read_caption(text)
             assert scenes.claim_holds(stated, objects), text
             for other in worlds:
@@ -107,3 +108,32 @@ def test_read_caption_reads_decoded_text_and_names_what_it_cannot_read():
         scenes.read_caption("a red circle near a blue square")
     with pytest.raises(ValueError, match="names no coloured shape"):
         scenes.read_caption("a picture of nothing")
+
+
+def test_partial_style_regenerates_the_first_generator():
+    """`--captions partial` keeps the old world: 1-3 objects of the first 4 shapes and 7 colours,
+    captions that name only some attributes (so earlier figures stay reproducible)."""
+    items = list(scenes.generate_split(200, seed=0, image_size=32, style="partial"))
+    counts = Counter(len(rec["objects"]) for _, rec in items)
+    assert set(counts) == {1, 2, 3}
+    assert {o["shape"] for _, rec in items for o in rec["objects"]} <= set(scenes.SHAPES[:4])
+    assert {o["colour"] for _, rec in items for o in rec["objects"]} <= set(list(scenes.COLOURS)[:7])
+    with pytest.raises(ValueError, match="caption style"):
+        scenes.generate_pair(0, 0, style="vague")
+
+
+def test_specific_captions_are_true_of_their_own_scene_only():
+    """Every specific caption names each object in full and the count, so across a 400-image split
+    almost no caption is true of another image (the default's point: true and own coincide)."""
+    items = list(scenes.generate_split(400, seed=1, image_size=32))
+    objects = [tuple(scenes.SceneObject(o["shape"], o["colour"], o["size"], (o["row"], o["col"]))
+                     for o in rec["objects"]) for _, rec in items]
+    true_elsewhere, total = 0, 0
+    for i, (_, rec) in enumerate(items):
+        for caption in rec["captions"]:
+            claim = scenes.read_caption(caption)
+            assert claim.count == len(objects[i]) and len(claim.mentions) == len(objects[i]), caption
+            assert all(m.size is not None for m in claim.mentions), caption
+            total += 1
+            true_elsewhere += any(scenes.claim_holds(claim, o) for j, o in enumerate(objects) if j != i)
+    assert true_elsewhere / total < 0.05

@@ -232,7 +232,8 @@ def synthetic_source(args) -> dict:
         split_seed = args.seed * 1000 + offset  # distinct scenes per split
 
         def units(start=0, n=n, split_seed=split_seed):
-            return (SyntheticPair(split_seed, group, args.image_size) for group in range(start, n // 2))
+            return (SyntheticPair(split_seed, group, args.image_size, args.captions)
+                    for group in range(start, n // 2))
         out[split] = (units, n // 2)
     return out
 
@@ -243,13 +244,16 @@ class SyntheticPair:
     seed: int
     group: int
     image_size: int
+    captions: str = "specific"
 
     def __call__(self) -> list:
         from tools import scenes
+        pairs = scenes.generate_pair(self.seed, self.group, self.image_size, style=self.captions)
         return [Item(rec["image_id"], ArrayLoader(pixels), rec["captions"],
-                     {"dataset": "synthetic", "seed": self.seed, "objects": rec["objects"],
+                     {"dataset": "synthetic", "seed": self.seed, "captions_style": self.captions,
+                      "objects": rec["objects"],
                       "twin_type": rec["twin_type"], "false_for_twin": rec["false_for_twin"]}, rec["twin_id"], rec["group"], str(rec["image_id"]))
-                for pixels, rec in scenes.generate_pair(self.seed, self.group, self.image_size)]
+                for pixels, rec in pairs]
 
 
 def karpathy_source(args) -> dict:
@@ -523,7 +527,7 @@ def captions_in_shards(out: Path, names: list) -> list:
 
 def fingerprint(args, split: str) -> str:
     """Identifies what a split's shards were made from, so --resume never mixes two inputs."""
-    parts = {k: getattr(args, k) for k in ("source", "input", "images", "seed", "image_size",
+    parts = {k: getattr(args, k) for k in ("source", "input", "images", "seed", "image_size", "captions",
                                            "train_images", "val_images", "test_images",
                                            "max_side", "quality", "maxcount", "maxsize")}
     parts["split"] = split
@@ -681,6 +685,10 @@ def parse_args(argv=None):
     p.add_argument("--test-images", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64, help="synthetic image size in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", default="specific", choices=("specific", "partial"),
+                   help="synthetic caption style: 'specific' names every object in full and is true "
+                        "of its own scene only; 'partial' (the first generator) names some attributes "
+                        "and is true of ~55 test images each")
     p.add_argument("--max-side", type=int, default=None,
                    help="resize so that the shorter side is at most this (default: keep size)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality")

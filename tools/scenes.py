@@ -1,5 +1,15 @@
 """Synthetic compositional scenes: shapes with colours, sizes and positions on a 2x2 grid.
 
+Two caption styles (``CAPTION_STYLES``), each with its own world:
+- ``specific`` (the default): two or three objects from 5 shapes x 9 colours x 2 sizes, and every
+  caption names every object in full (size, colour, shape), states how many there are and relates
+  them, so a caption is true of its own scene and almost never of another (docs/RESULTS.md: the
+  share of test captions true of another test image). Ranking by truth then equals ranking by
+  "written for this image", which is what recall measures.
+- ``partial``: one to three objects from 4 shapes x 7 colours x 2 sizes, captions that name some
+  attributes of some objects ("a red circle"): true of ~55 test images each. Kept so that the
+  figures measured on it stay reproducible (``make_shards --captions partial``).
+
 Every scene comes with a *twin* whose binding differs (two objects swap colours, cells or shapes;
 a one-object scene changes its colour or shape). Two-and-three-object twins use exactly the same
 words, so a bag-of-words model cannot tell them apart, while a model that binds attributes to
@@ -22,7 +32,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "cross")
+SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -31,13 +41,15 @@ COLOURS = {
     "purple": (150, 60, 200),
     "orange": (250, 140, 20),
     "white": (235, 235, 235),
+    "pink": (255, 130, 190),
+    "cyan": (40, 215, 215),
 }
 SIZES = ("small", "large")
 CELLS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row, col) on the 2x2 grid
 CELL_NAMES = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
 
 SHAPE_WORDS = {"circle": ("circle", "disc"), "square": ("square", "box"),
-               "triangle": ("triangle",), "cross": ("cross", "plus sign")}
+               "triangle": ("triangle",), "cross": ("cross", "plus sign"), "diamond": ("diamond",)}
 SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
 # relation name -> phrases; "left" means the first-mentioned object is left of the second
 RELATION_WORDS = {"left": ("to the left of", "left of", "on the left of"),
@@ -51,6 +63,25 @@ CELL_PHRASES = {(0, 0): ("in the top left", "in the upper left corner"),
                 (0, 1): ("in the top right", "in the upper right corner"),
                 (1, 0): ("in the bottom left", "in the lower left corner"),
                 (1, 1): ("in the bottom right", "in the lower right corner")}
+
+
+@dataclass(frozen=True)
+class World:
+    """What scenes of one caption style are made of (the order of each tuple fixes the draws)."""
+    shapes: tuple
+    colours: tuple
+    object_counts: tuple  # drawn uniformly: repeats weigh a count more
+
+
+WORLDS = {
+    # ~90 object kinds and two or three objects: two random test scenes rarely share every object
+    "specific": World(SHAPES, tuple(COLOURS), (2, 3)),
+    # the world of the first generator, unchanged so that its shards regenerate bit for bit
+    "partial": World(SHAPES[:4], tuple(COLOURS)[:7], (1, 2, 2, 3)),
+}
+CAPTION_STYLES = tuple(WORLDS)
+COUNT_WORDS = {2: "two", 3: "three"}
+COUNT_NOUNS = ("shapes", "objects")
 
 
 @dataclass(frozen=True)
@@ -165,9 +196,43 @@ def candidate_captions(objects: tuple, rng: random.Random) -> list:
     return out
 
 
+def specific_captions(objects: tuple, rng: random.Random) -> list:
+    """(text, Claim) pairs that name every object in full, say how many there are, and chain them by
+    relations ("two shapes : a small red circle left of a large blue square"; three objects: "A r1 B
+    r2 C", read as A r1 B and B r2 C). The count makes the claim exhaustive: a caption of a
+    two-object scene is not true of a three-object scene that happens to contain both objects."""
+    n = len(objects)
+    out = []
+    for order in itertools.permutations(objects):
+        links = [spatial_relations(order[k], order[k + 1]) for k in range(n - 1)]
+        if not all(links):
+            continue
+        for _ in range(2):
+            relations = [rng.choice(options) for options in links]
+            mentions = tuple(mention_of(o, with_size=True) for o in order)
+            claim = Claim(mentions, tuple((k, rel, k + 1) for k, rel in enumerate(relations)), count=n)
+            count = f"{COUNT_WORDS[n]} {rng.choice(COUNT_NOUNS)} :"
+            joined = lambda article, joiner="": " ".join(
+                [phrase(mentions[0], rng, article)] + [
+                    f"{joiner if k == 0 else ''}{rng.choice(RELATION_WORDS[rel])} {phrase(mentions[k + 1], rng, article)}"
+                    for k, rel in enumerate(relations)])
+            out += [(f"{count} {joined('a')}", claim),
+                    (f"{count} {joined('the', 'is ')}", claim),
+                    (f"{count} {joined(None)}", claim)]
+            if n == 2:  # "{B} with {A} to its left": A (mention 0) is left of B
+                out.append((f"{count} {phrase(mentions[1], rng)} with {phrase(mentions[0], rng)} "
+                            f"{WITH_PHRASES[relations[0]]}", claim))
+    return out
+
+
+CAPTION_TEMPLATES = {"specific": specific_captions, "partial": candidate_captions}
+MAX_WORDS = {"specific": 20, "partial": 16}
+
+
 # ---------------------------------------------------------------- reading captions back
 
 _ARTICLES = ("a", "an", "the")
+_COUNT_OF_WORD = {word: n for n, word in COUNT_WORDS.items()}
 _COLOUR_WORDS = set(COLOURS)
 _SIZE_OF_WORD = {w: size for size, words in SIZE_WORDS.items() for w in words}
 _SHAPE_OF_WORDS = {tuple(w.split()): shape for shape, words in SHAPE_WORDS.items() for w in words}
@@ -195,8 +260,8 @@ def read_caption(text: str) -> Claim:
     """
     words = text.lower().replace(",", " ").replace(":", " ").split()
     count = None
-    if words[:2] == ["three", "shapes"]:
-        count, words = 3, words[2:]
+    if len(words) >= 2 and words[0] in _COUNT_OF_WORD and words[1] in COUNT_NOUNS:
+        count, words = _COUNT_OF_WORD[words[0]], words[2:]
     mentions, spans, i = [], [], 0
     while i < len(words):
         if words[i] not in _COLOUR_WORDS:
@@ -238,12 +303,14 @@ def read_caption(text: str) -> Claim:
 
 
 def choose_captions(objects: tuple, twin: tuple, rng: random.Random, n: int = 5,
-                    max_words: int = 16) -> tuple:
+                    style: str = "partial") -> tuple:
     """(n captions true for `objects`, [caption is false for `twin`]), preferring ones false for it.
 
-    Captions longer than `max_words` are dropped: caption length dominates a cross-encoder's cost.
+    Captions longer than the style's `MAX_WORDS` are dropped: caption length drives a
+    cross-encoder's cost.
     """
-    candidates = candidate_captions(objects, rng)
+    max_words = MAX_WORDS[style]
+    candidates = CAPTION_TEMPLATES[style](objects, rng)
     rng.shuffle(candidates)
     seen, discriminative, others = set(), [], []
     for text, claim in candidates:  # checked lazily: claims are the costly part of generation
@@ -262,20 +329,20 @@ def choose_captions(objects: tuple, twin: tuple, rng: random.Random, n: int = 5,
 
 # ---------------------------------------------------------------- scenes and twins
 
-def random_scene(rng: random.Random) -> tuple:
-    n = rng.choice((1, 2, 2, 3))  # two-object scenes carry the clearest relations
+def random_scene(rng: random.Random, world: World = WORLDS["partial"]) -> tuple:
+    n = rng.choice(world.object_counts)
     cells = rng.sample(CELLS, n)
-    return tuple(SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), c)
+    return tuple(SceneObject(rng.choice(world.shapes), rng.choice(list(world.colours)), rng.choice(SIZES), c)
                  for c in cells)
 
 
-def make_twin(objects: tuple, rng: random.Random):
+def make_twin(objects: tuple, rng: random.Random, world: World = WORLDS["partial"]):
     """(twin objects, twin_type) or None when this scene has no binding-changing twin."""
     if len(objects) == 1:
         (o,) = objects
         if rng.random() < 0.5:
-            return (replace(o, colour=rng.choice([c for c in COLOURS if c != o.colour])),), "change_colour"
-        return (replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape])),), "change_shape"
+            return (replace(o, colour=rng.choice([c for c in world.colours if c != o.colour])),), "change_colour"
+        return (replace(o, shape=rng.choice([s for s in world.shapes if s != o.shape])),), "change_shape"
     options = []
     for i, j in itertools.combinations(range(len(objects)), 2):
         a, b = objects[i], objects[j]
@@ -299,12 +366,13 @@ def make_twin(objects: tuple, rng: random.Random):
     return tuple(twin), kind
 
 
-def scene_pair(seed: int, group: int):
+def scene_pair(seed: int, group: int, style: str = "specific"):
     """The two scenes of twin group `group`: (objects, twin_objects, twin_type, look), seeded by both."""
+    world = WORLDS[style]
     rng = random.Random(f"scenes:{seed}:{group}")
     while True:
-        objects = random_scene(rng)
-        made = make_twin(objects, rng)
+        objects = random_scene(rng, world)
+        made = make_twin(objects, rng, world)
         if made is not None and sorted(map(str, made[0])) != sorted(map(str, objects)):
             break
     # Shared look (background, jitter, noise seed) so that twins differ only in the binding.
@@ -323,6 +391,8 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list:
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.75), (cx - r * 0.95, cy + r * 0.75)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r * 0.8, cy), (cx, cy + r), (cx - r * 0.8, cy)]
     if shape == "cross":
         w, s = r * 0.35, r
         return [(cx - w, cy - s), (cx + w, cy - s), (cx + w, cy - w), (cx + s, cy - w),
@@ -360,13 +430,16 @@ def describe(objects: tuple) -> list:
             for o in objects]
 
 
-def generate_pair(seed: int, group: int, image_size: int = 64, noise: float = 4.0):
+def generate_pair(seed: int, group: int, image_size: int = 64, noise: float = 4.0,
+                  style: str = "specific"):
     """[(image uint8 [S,S,3], record), (twin image, twin record)] for twin group `group`."""
-    objects, twin, twin_type, look = scene_pair(seed, group)
+    if style not in WORLDS:
+        raise ValueError(f"caption style {style!r} not in {CAPTION_STYLES}")
+    objects, twin, twin_type, look = scene_pair(seed, group, style)
     caption_rng = random.Random(f"captions:{seed}:{group}")
     out = []
     for member, (mine, other) in enumerate(((objects, twin), (twin, objects))):
-        captions, false_for_twin = choose_captions(mine, other, caption_rng)
+        captions, false_for_twin = choose_captions(mine, other, caption_rng, style=style)
         record = {"image_id": 2 * group + member, "twin_id": 2 * group + 1 - member, "group": group,
                   "captions": captions, "false_for_twin": false_for_twin,
                   "objects": describe(mine), "twin_type": twin_type}
@@ -375,7 +448,7 @@ def generate_pair(seed: int, group: int, image_size: int = 64, noise: float = 4.
 
 
 def generate_split(num_images: int, seed: int, image_size: int = 64, start_group: int = 0,
-                   noise: float = 4.0) -> Iterator[tuple]:
+                   noise: float = 4.0, style: str = "specific") -> Iterator[tuple]:
     """Yield (image uint8 [S,S,3], record) for `num_images` images as consecutive twin pairs.
 
     record: image_id (= 2*group + member), twin_id, group, captions (5), false_for_twin (per caption:
@@ -385,4 +458,4 @@ def generate_split(num_images: int, seed: int, image_size: int = 64, start_group
     if num_images % 2:
         raise ValueError(f"num_images must be even (twins come in pairs), got {num_images}")
     for group in range(start_group, num_images // 2):
-        yield from generate_pair(seed, group, image_size, noise)
+        yield from generate_pair(seed, group, image_size, noise, style)
