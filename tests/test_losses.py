@@ -152,3 +152,65 @@ def test_half_precision_logits_are_computed_in_float32():
     out = hard_negative_ce_per_sample(logits)
     assert out.dtype == torch.float32
     assert out.item() == pytest.approx(math.log(math.exp(2) + 2) - 2, abs=1e-6)
+
+
+# ------------------------------------------------------------------ the objective variants
+
+def test_standardized_rows_keep_order_and_left_out_columns():
+    from train.distill.losses import standardized_rows
+    logits = torch.tensor([[10.0, 4.0, 1.0, -1.0e4], [2.0, 2.0, 2.0, 2.0]])
+    got = standardized_rows(logits)
+    kept = got[0, :3]
+    # mean 5, std sqrt(((5)^2 + 1 + 16) / 3) = sqrt(14)
+    assert kept.tolist() == pytest.approx([5 / 14 ** 0.5, -1 / 14 ** 0.5, -4 / 14 ** 0.5], abs=1e-5)
+    assert got[0, 3].item() == -1.0e4  # a left-out column stays left out
+    assert torch.isfinite(got[1]).all() and got[1].abs().max() < 1e-3  # a constant row: zeros, no nan
+
+
+def test_margin_mse_by_hand_and_ignores_offsets():
+    from train.distill.losses import margin_mse_per_sample
+    student = torch.tensor([[3.0, 1.0, 0.0]])      # margins 2, 3
+    teacher = torch.tensor([[5.0, 4.0, 1.0]])      # margins 1, 4
+    assert margin_mse_per_sample(student, teacher).item() == pytest.approx((1 + 1) / 2)
+    assert margin_mse_per_sample(student + 7.0, teacher - 2.0).item() == pytest.approx(1.0)
+    # a left-out teacher column does not count; a row with none kept is 0
+    masked = torch.tensor([[5.0, 4.0, -1.0e4], [5.0, -1.0e4, -1.0e4]])
+    got = margin_mse_per_sample(torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0]]), masked)
+    assert got.tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_denoised_ce_counts_teacher_near_positives_as_positives():
+    from train.distill.losses import denoised_ce_per_sample
+    student = torch.tensor([[1.0, 1.0, 0.0]])
+    teacher = torch.tensor([[2.0, 1.5, -3.0]])
+    # margin 0: only the positive; the second column scores below it
+    plain = denoised_ce_per_sample(student, teacher, 0.0)
+    assert plain.item() == pytest.approx(hard_negative_ce_per_sample(student).item())
+    # margin 1: column 1 (1.5 >= 2 - 1) joins the positives: -log((e + e) / (e + e + 1))
+    e = math.e
+    assert denoised_ce_per_sample(student, teacher, 1.0).item() == pytest.approx(-math.log(2 * e / (2 * e + 1)))
+    # the gradient never pushes an extra positive down
+    s = student.clone().requires_grad_(True)
+    denoised_ce_per_sample(s, teacher, 1.0).sum().backward()
+    assert s.grad[0, 1] <= 0
+
+
+@pytest.mark.parametrize("objective", ["published", "listwise", "denoised", "margin"])
+def test_every_objective_gives_finite_terms_and_gradients(objective):
+    from train.distill.dcd import DCDConfig, distillation_terms
+    torch.manual_seed(0)
+    student = torch.randn(5, 8, requires_grad=True)
+    teacher = torch.randn(5, 8) * 4
+    teacher[1, 3:] = -1.0e4  # a row with left-out columns
+    kd, hard = distillation_terms(student, teacher, DCDConfig(objective=objective, positive_margin=0.5))
+    assert kd.shape == hard.shape == (5,)
+    (kd.sum() + hard.sum()).backward()
+    assert torch.isfinite(kd).all() and torch.isfinite(hard).all() and torch.isfinite(student.grad).all()
+    if objective == "published":
+        assert kd.tolist() == pytest.approx(kd_loss_per_sample(student, teacher).tolist())
+
+
+def test_unknown_objective_is_refused():
+    from train.distill.dcd import DCDConfig
+    with pytest.raises(ValueError, match="objective"):
+        DCDConfig(objective="magic")

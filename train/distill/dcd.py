@@ -30,8 +30,9 @@ import torch
 
 from .gather import (Collectives, fetch_pool_rows, gathered_offset, local_logits,
                      pad_to_common_length)
-from .losses import (KD_KINDS, WEIGHTING_SCHEMES, dynamic_weights, hard_negative_ce_per_sample,
-                     info_nce, kd_loss_per_sample, normalize_weights)
+from .losses import (KD_KINDS, OBJECTIVES, WEIGHTING_SCHEMES, denoised_ce_per_sample, dynamic_weights,
+                     hard_negative_ce_per_sample, info_nce, kd_loss_per_sample, margin_mse_per_sample,
+                     normalize_weights, standardized_rows)
 from .negatives import (MASKED_LOGIT, candidate_set_logits, likely_false_negatives, random_candidates,
                         random_pool_candidates, student_proposals, teacher_ranked_negatives)
 
@@ -70,6 +71,10 @@ class DCDConfig:
         rows with fewer than K left keep only those. Teacher ranking only.
     candidate_transport: "all_to_all" (only the selected candidates' raw inputs move) |
         "all_gather" (every rank's raw inputs move; simpler).
+    objective: what the KD and hard terms are (``losses.OBJECTIVES``): "published" (the reference),
+        "listwise" (KD to the row-standardised teacher), "denoised" (candidates the teacher scores
+        near the positive are extra positives of the hard CE), "margin" (KD = Margin-MSE).
+    positive_margin: the "denoised" objective's margin, in teacher logits.
     """
 
     candidates: int = 16
@@ -84,11 +89,14 @@ class DCDConfig:
     negatives_from: str = "teacher"
     false_negative_margin: Optional[float] = None
     candidate_transport: str = "all_to_all"
+    objective: str = "published"
+    positive_margin: float = 0.0
 
     def __post_init__(self):
         self.directions = tuple(self.directions)
         checks = [
             (self.kd_loss in KD_KINDS, f"kd_loss {self.kd_loss!r} not in {KD_KINDS}"),
+            (self.objective in OBJECTIVES, f"objective {self.objective!r} not in {OBJECTIVES}"),
             (self.weighting in WEIGHTING_SCHEMES, f"weighting {self.weighting!r} not in {WEIGHTING_SCHEMES}"),
             (all(d in DIRECTIONS for d in self.directions), f"directions {self.directions} not in {DIRECTIONS}"),
             (len(set(self.directions)) == len(self.directions), "directions repeated"),
@@ -129,6 +137,23 @@ def _contrastive_pool(image_emb_local, text_emb_local, logit_scale, image_ids_lo
     loss_itc = info_nce(logits_i2t, logits_t2i, positive_mask, positive_mask)
     offset = gathered_offset(comm.rank, image_emb_local.shape[0])
     return _Pool({"i2t": logits_i2t, "t2i": logits_t2i}, positive_mask, offset, loss_itc)
+
+
+def distillation_terms(student_set: torch.Tensor, teacher_set: torch.Tensor,
+                       cfg: DCDConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-query (KD, HARD) losses [Q] over candidate sets [Q, C] (positive at column 0) for the
+    configured objective; see ``losses.OBJECTIVES`` for what each variant changes."""
+    if cfg.objective == "listwise":
+        kd = kd_loss_per_sample(student_set, standardized_rows(teacher_set), cfg.kd_temperature, "kl")
+    elif cfg.objective == "margin":
+        kd = margin_mse_per_sample(student_set, teacher_set)
+    else:
+        kd = kd_loss_per_sample(student_set, teacher_set, cfg.kd_temperature, cfg.kd_loss)
+    if cfg.objective == "denoised":
+        hard = denoised_ce_per_sample(student_set, teacher_set, cfg.positive_margin)
+    else:
+        hard = hard_negative_ce_per_sample(student_set)
+    return kd, hard
 
 
 def _bytes_since(comm: Collectives, before: Mapping[str, int]) -> Dict[str, int]:
@@ -277,11 +302,10 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         student_set = candidate_set_logits(student_rows[query, own], student_rows.gather(1, negative_index),
                                            valid)
         teacher_set = candidate_set_logits(teacher_positive, teacher_negatives, valid)
+        kd, hard = distillation_terms(student_set, teacher_set, cfg)
         per_direction[d] = dict(
             student_set=student_set, teacher_set=teacher_set, negative_index=negative_index,
-            raw_weights=dynamic_weights(teacher_set, student_set, cfg.weighting),
-            kd=kd_loss_per_sample(student_set, teacher_set, cfg.kd_temperature, cfg.kd_loss),
-            hard=hard_negative_ce_per_sample(student_set))
+            raw_weights=dynamic_weights(teacher_set, student_set, cfg.weighting), kd=kd, hard=hard)
 
     # Step 6: weights normalised to mean 1 per direction over the GLOBAL batch: one all-reduce of
     # [sum_d, count_d] for every direction.

@@ -16,6 +16,16 @@ import torch.nn.functional as F
 
 WEIGHTING_SCHEMES = ("entropy", "wsl", "none")
 KD_KINDS = ("kl", "mse")
+# What the two distillation terms are (dcd.py combines them as alpha * KD + (1 - alpha) * HARD):
+#   published: KD = kl | mse of the raw teacher logits;      HARD = CE with the positive as target
+#   listwise:  KD = KL to the row-standardised teacher;      HARD = as published
+#   denoised:  KD = as published;                            HARD = CE over the positive and every
+#              candidate the teacher scores at least (positive - positive_margin): extra positives
+#   margin:    KD = Margin-MSE of student vs teacher margins; HARD = as published
+# Each variant changes one thing of the published objective, so the ablation reads as a diff.
+OBJECTIVES = ("published", "listwise", "denoised", "margin")
+# Logits at or below this are columns left out of a candidate set (negatives.MASKED_LOGIT is -1e4).
+_LEFT_OUT = -1.0e3
 
 # Guard for CE_t -> 0 in the wsl weight (a teacher certain of the positive). With CE_t clamped to
 # 1e-6, a student that is also right (CE_s ~ 0) gets w ~ 0 (nothing left to learn from that sample)
@@ -88,6 +98,65 @@ def kd_loss_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     if kind == "mse":
         return (student_logits - teacher_logits).pow(2).mean(dim=1)
     raise ValueError(f"unknown kd loss {kind!r} (one of {KD_KINDS})")
+
+
+def standardized_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Each row shifted and scaled to mean 0 and standard deviation 1 over its kept columns; left-out
+    columns (logits <= -1e3) stay far below every kept one.
+
+    Why: a cross-encoder's logits live on its own scale (the FiLM teacher's span ~10-20 logits, so
+    softmax(z_t) is nearly one-hot and says little beyond the argmax), while the student's are
+    scale * cos. Standardising per row keeps the teacher's ORDER and relative gaps and makes the
+    target's sharpness a choice (the KD temperature), not an accident of the teacher's training.
+    """
+    logits = _at_least_float32(logits)
+    kept = logits > _LEFT_OUT
+    count = kept.sum(dim=1, keepdim=True).clamp_min(1)
+    mean = torch.where(kept, logits, 0.0).sum(dim=1, keepdim=True) / count
+    var = torch.where(kept, (logits - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / count
+    standardized = (logits - mean) / var.sqrt().clamp_min(1e-6)
+    return torch.where(kept, standardized, logits)
+
+
+def margin_mse_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Margin-MSE (Hofstaetter et al.): mean over the kept negatives k of
+    ((s_0 - s_k) - (t_0 - t_k))^2, positive at column 0.
+
+    Only differences are matched, so the two models' offsets do not matter; where the teacher sees
+    two candidates as equally good (margin ~0, e.g. a caption true of both images) the student is
+    not pushed to separate them, and where it separates a twin by a wide margin the student must too.
+
+    Args:
+        student_logits, teacher_logits: [Q, C] (left-out columns <= -1e3 in the teacher's set).
+    Returns:
+        [Q] losses (0 for a row with no kept negative).
+    """
+    student_logits = _at_least_float32(student_logits)
+    teacher_logits = _at_least_float32(teacher_logits.detach())
+    kept = (teacher_logits[:, 1:] > _LEFT_OUT).to(student_logits.dtype)
+    student_margin = student_logits[:, :1] - student_logits[:, 1:]
+    teacher_margin = teacher_logits[:, :1] - teacher_logits[:, 1:]
+    squared = (student_margin - teacher_margin).pow(2) * kept
+    return squared.sum(dim=1) / kept.sum(dim=1).clamp_min(1.0)
+
+
+def denoised_ce_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                           positive_margin: float) -> torch.Tensor:
+    """Multi-positive CE over the candidate set: the positive and every candidate the teacher scores
+    at least (its positive - positive_margin) are targets (RocketQA's cross-encoder denoising, in
+    ALBEF's multi-positive form: positives only sum in the numerator).
+
+    Args:
+        student_logits, teacher_logits: [Q, C], positive at column 0.
+        positive_margin: logits below the positive that still count as a positive (0: only
+            candidates the teacher scores as high as the positive).
+    Returns:
+        [Q] losses.
+    """
+    teacher_logits = _at_least_float32(teacher_logits.detach())
+    extra = teacher_logits[:, 1:] >= teacher_logits[:, :1] - positive_margin
+    positives = torch.cat([torch.ones_like(extra[:, :1]), extra], dim=1)
+    return multi_positive_cross_entropy_per_sample(student_logits, positives)
 
 
 def hard_negative_ce_per_sample(student_logits: torch.Tensor) -> torch.Tensor:
