@@ -1,6 +1,6 @@
 """Does DCD work? Train every variant the same way, evaluate on the test split, write one table.
 
-    python tools/ablate.py --teacher runs/default/teacher/teacher --steps 600 --out runs/ablation
+    python tools/ablate.py --teacher runs/default/teacher/teacher --steps 600 --seeds 0,1,2 --out runs/ablation
 
 Variants (all from the same student preset initialised from scratch with the same seed, the same
 shards, steps and batch; only the objective differs):
@@ -10,7 +10,12 @@ shards, steps and batch; only the objective differs):
   dcd_entropy   --stage distill --weighting entropy   DCD, published code's weights
   dcd_wsl       --stage distill --weighting wsl       DCD, the paper's weighted soft labels
   dcd_none      --stage distill --weighting none      DCD without dynamic weights
-and, with --equal-time, `contrastive_equal_time`: the contrastive student trained for as many
+  dcd_listwise  --objective listwise                  KD to the row-standardised teacher
+  dcd_denoised  --objective denoised                  teacher-near-positive candidates as positives
+  dcd_margin    --objective margin                    KD = Margin-MSE
+(the objective variants keep the default weighting). Every variant runs once per seed in --seeds;
+the table gives mean +- standard deviation over the seeds, so that a difference can be read
+against seed noise. With --equal-time, `contrastive_equal_time`: the contrastive student trained for as many
 steps as fit in the slowest DCD variant's training time, so that a method that wins per step but
 loses per minute says so. The teacher's own row (rerank over the DCD student's top-16, and
 binding accuracy) sits beside them.
@@ -33,7 +38,11 @@ VARIANTS = {
     "dcd_entropy": ["--stage", "distill", "--weighting", "entropy"],
     "dcd_wsl": ["--stage", "distill", "--weighting", "wsl"],
     "dcd_none": ["--stage", "distill", "--weighting", "none"],
+    "dcd_listwise": ["--stage", "distill", "--objective", "listwise"],
+    "dcd_denoised": ["--stage", "distill", "--objective", "denoised"],
+    "dcd_margin": ["--stage", "distill", "--objective", "margin"],
 }
+DEFAULT_VARIANTS = ("contrastive", "kd_random", "dcd_entropy", "dcd_wsl", "dcd_none")
 COLUMNS = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum", "binding_acc"]
 
 
@@ -57,30 +66,48 @@ def evaluate(args, mode: str, student: Path, out_json: Path, teacher: str | None
     return json.loads(out_json.read_text())
 
 
-def train(args, name: str, extra: list[str], steps: int) -> dict:
-    out = Path(args.out) / name
+def train(args, out: Path, extra: list[str], steps: int, seed: int) -> dict:
     summary = out / "train_summary.json"
     if not summary.is_file():
         run([*shlex.split(args.launcher), "train/run.py", *extra, "--shards", args.shards,
              "--teacher", args.teacher, "--student", args.student, "--out", str(out),
-             "--steps", str(steps), "--seed", str(args.seed), "--eval-every", str(steps),
+             "--steps", str(steps), "--seed", str(seed), "--eval-every", str(steps),
              "--save-every", str(steps), *shlex.split(args.train_args)])
     return json.loads(summary.read_text())
 
 
+def mean_std(values: list) -> tuple:
+    """(mean, population standard deviation) of the numbers in `values`; (None, None) if none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def summarise(variant: str, runs: list[dict]) -> dict:
+    """One table row from the runs of one variant (one per seed): mean and std of every column."""
+    row = {"variant": variant, "seeds": len(runs), "steps": runs[0].get("steps")}
+    for column in ["train_seconds", "seconds_per_step", *COLUMNS]:
+        row[column], row[column + "_std"] = mean_std([r.get(column) for r in runs])
+    return row
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ["variant", "steps", "train s", "s/step", *COLUMNS]
+    head = ["variant", "seeds", "steps", "train s", "s/step", *COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["variant"], str(row.get("steps", "")), _fmt(row.get("train_seconds")),
-                 _fmt(row.get("seconds_per_step"), 3)]
-        cells += [_fmt(row.get(c)) for c in COLUMNS]
+        cells = [row["variant"], str(row.get("seeds", "")), str(row.get("steps", "")),
+                 _fmt(row.get("train_seconds")), _fmt(row.get("seconds_per_step"), 3)]
+        cells += [_fmt(row.get(c), std=row.get(c + "_std")) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _fmt(value, digits: int = 1) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
+def _fmt(value, digits: int = 1, std=None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None and std > 0 else "")
 
 
 def main(argv=None) -> int:
@@ -92,8 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", default="runs/default/teacher/teacher")
     parser.add_argument("--student", default="student-tiny", help="the common starting point")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every variant runs once per seed")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--equal-time", action="store_true",
                         help="also train the contrastive student for the slowest DCD variant's time")
     parser.add_argument("--eval-images", type=int, help="evaluate on the first N test images")
@@ -106,16 +134,29 @@ def main(argv=None) -> int:
     if not Path(args.teacher).exists():
         sys.exit(f"ablate: --teacher {args.teacher}: not found (train one with ./launch.sh first)")
 
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        sys.exit(f"ablate: --seeds {args.seeds!r}: expected comma-separated integers")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not seeds:
+        sys.exit(f"ablate: unknown variant '{unknown[0]}' (known: {', '.join(VARIANTS)})" if unknown
+                 else "ablate: --seeds names no seed")
+
+    def one_variant(name: str, extra: list[str], steps: int) -> dict:
+        runs = []
+        for seed in seeds:
+            folder = out / (name if len(seeds) == 1 else f"{name}-seed{seed}")
+            print(f"[ablate] {folder.name}", flush=True)
+            summary = train(args, folder, extra, steps, seed)
+            runs.append({**summary, **evaluate(args, "student", folder / "student", folder / "eval.json")})
+        return summarise(name, runs)
+
     rows = []
     started = time.perf_counter()
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for name in names:
-        if name not in VARIANTS:
-            sys.exit(f"ablate: unknown variant '{name}' (known: {', '.join(VARIANTS)})")
-        print(f"[ablate] {name}", flush=True)
-        summary = train(args, name, VARIANTS[name], args.steps)
-        metrics = evaluate(args, "student", out / name / "student", out / name / "eval.json")
-        rows.append({"variant": name, **summary, **metrics})
+        rows.append(one_variant(name, VARIANTS[name], args.steps))
     if args.equal_time and "contrastive" in names:
         slowest = max((r for r in rows if r["variant"] != "contrastive"),
                       key=lambda r: r["train_seconds"], default=None)
@@ -124,20 +165,18 @@ def main(argv=None) -> int:
             steps = int(slowest["train_seconds"] / base["seconds_per_step"])
             print(f"[ablate] contrastive_equal_time: {steps} steps ~ {slowest['train_seconds']:.0f} s",
                   flush=True)
-            summary = train(args, "contrastive_equal_time", VARIANTS["contrastive"], steps)
-            metrics = evaluate(args, "student", out / "contrastive_equal_time" / "student",
-                               out / "contrastive_equal_time" / "eval.json")
-            rows.append({"variant": "contrastive_equal_time", **summary, **metrics})
+            rows.append(one_variant("contrastive_equal_time", VARIANTS["contrastive"], steps))
     dcd = next((r for r in rows if r["variant"].startswith("dcd")), None)
     if dcd is not None:
-        teacher = evaluate(args, "rerank", out / dcd["variant"] / "student", out / "teacher_rerank.json",
+        folder = out / (dcd["variant"] if len(seeds) == 1 else f"{dcd['variant']}-seed{seeds[0]}")
+        teacher = evaluate(args, "rerank", folder / "student", out / "teacher_rerank.json",
                            teacher=args.teacher)
-        rows.append({"variant": f"teacher (rerank top-16 of {dcd['variant']})", **teacher})
+        rows.append({"variant": f"teacher (rerank top-16 of {folder.name})", **teacher})
 
     table = markdown(rows)
     (out / "ablation.md").write_text(
-        f"Ablation on {args.shards} {args.split} split, {args.steps} steps each, seed {args.seed}, "
-        f"all from {args.student} initialised from scratch.\n\n{table}\n")
+        f"Ablation on {args.shards} {args.split} split, {args.steps} steps each, seeds {seeds} "
+        f"(mean ± std over seeds), all from {args.student} initialised from scratch.\n\n{table}\n")
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table)
     print(f"[ablate] {time.perf_counter() - started:.0f} s; {out / 'ablation.md'}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from train import engine as ds_engine
+from train import failure
 from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher
 from train.distill.dcd import DCDConfig, contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
@@ -77,8 +78,10 @@ class StudentObjective:
         self.comm.timer = timer
         with timer.section("student"):
             pixel_values = self.model.preprocess_images(batch["pixels"])
-            return self.engine(pixel_values, batch["input_ids"], batch["attention_mask"],
-                               return_scale=True)
+            embedded = self.engine(pixel_values, batch["input_ids"], batch["attention_mask"],
+                                   return_scale=True)
+        failure.fault_point("forward")
+        return embedded
 
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
@@ -118,6 +121,7 @@ class DistillObjective(StudentObjective):
 
         def teacher_score(raw_images, raw_texts, image_index, text_index):
             with timer.section("teacher"), torch.no_grad():
+                failure.fault_point("teacher")
                 pixel_values = self.teacher.preprocess_images(raw_images)
                 return self.teacher_engine(pixel_values, raw_texts["input_ids"],
                                            raw_texts["attention_mask"], image_index, text_index)
@@ -221,6 +225,7 @@ def validate(objective, cfg: RunConfig) -> dict:
     Every rank computes the same numbers: with ZeRO-3 the parameters are partitioned, so all ranks
     must run the same forward passes anyway, and a few hundred images cost well under a second.
     """
+    failure.fault_point("validation")
     split = _val_split(cfg)
     if isinstance(objective, TeacherObjective):
         own, twin = teacher_binding_scores(objective.model, split)
