@@ -38,6 +38,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from train import failure
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -377,6 +379,7 @@ def collate_train(samples, batch_size: int, tokenizer=None, max_length: int = 32
     for chunk in iter(lambda: list(itertools.islice(samples, batch_size)), []):
         if len(chunk) < batch_size:
             return
+        failure.fault_point("data")  # in the loader worker, where a real data error would be
         batch = {"pixels": torch.from_numpy(np.stack([s["pixels"] for s in chunk])),
                  "captions": [s["caption"] for s in chunk],
                  "image_ids": torch.tensor([s["image_id"] for s in chunk], dtype=torch.long),

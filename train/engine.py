@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from train import failure
 from train.config import ConfigError, read_json_object
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -44,11 +45,17 @@ def accelerator():
 
 
 def init_distributed() -> tuple[int, int]:
-    """Start the process group when launched with several ranks; returns (rank, world_size)."""
+    """Start the process group when launched with several ranks; returns (rank, world_size).
+
+    Collectives time out after failure.collective_timeout (120 s on gloo, DeepSpeed's default on
+    NCCL; DCD_COLLECTIVE_TIMEOUT_S sets it): a peer that is alive but never joins fails the job then.
+    """
     deepspeed = import_deepspeed()
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=accelerator().communication_backend_name())
+        backend = accelerator().communication_backend_name()
+        timeout = failure.collective_timeout(backend)
+        deepspeed.init_distributed(dist_backend=backend, **({"timeout": timeout} if timeout else {}))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -241,6 +248,7 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     if dist.is_initialized():
         dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    failure.fault_point("save")  # tests: a save that fails after its files, before `latest` moves
     if dist.is_initialized():
         dist.barrier()
     if engine.global_rank == 0:
@@ -343,6 +351,7 @@ def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike, rank:
     context = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if partitioned
                else contextlib.nullcontext())
     with context:
+        failure.fault_point("export")
         if rank == 0:
             tmp = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -6,16 +6,18 @@
 Stages: `teacher` fine-tunes the cross-encoder, `student` trains the contrastive-only baseline,
 `distill` (default) trains the student by Dynamic Contrastive Distillation from a frozen teacher.
 
-Exit codes: 0 done, or stopped on request (SIGTERM / SIGINT to a rank or its launcher's process
-tree, or the launcher gone) after saving a checkpoint: `--resume latest` continues; 2 a bad flag,
-config, data folder or model spec (one line `error: ...`, before any training); 3 `--max-bad-steps`
-non-finite losses in a row (the weights and optimizer state those steps left untouched are saved).
+Exit codes: 0 done, or stopped on request inside the training loop (SIGTERM / SIGINT to a rank or
+its launcher's process tree, or the launcher gone) after saving a checkpoint: `--resume latest`
+continues; 1 an error on some rank (train/failure.py: the job ends at once, one line `error: rank R
+failed first: ...`, the traceback in {out}/error-rankR.log); 2 a bad flag, config, data folder or model
+spec (one line `error: ...`); 3 `--max-bad-steps` non-finite losses in a row (the weights and optimizer
+state those steps left untouched are saved); 128 + the signal when stopped outside the training loop
+(start-up, export, teardown) or by a second signal: nothing saved.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 import warnings
@@ -34,6 +36,7 @@ warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 from train import engine as ds_engine
+from train import failure
 from train.config import ConfigError, RunConfig, parse_config
 from train.data import SKIP_REASONS, DataError, load_tokenizer, make_train_loader
 from train.monitor import Monitor, StepTimer
@@ -41,7 +44,8 @@ from train.objectives import build_objective, validate
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits cleanly at the next step.
+    """SIGTERM / SIGINT (train/failure.py's handlers) set a flag; the loop saves a checkpoint and exits
+    cleanly at the next step.
 
     Under a launcher (LOCAL_RANK set), the launcher's disappearance counts as a stop request too.
     DeepSpeed 0.19.8's `deepspeed` command installs no SIGTERM handler for local runs: SIGTERM to it
@@ -51,16 +55,16 @@ class StopRequest:
     """
 
     def __init__(self):
-        self.requested = False
-        self.reason = ""
-        signal.signal(signal.SIGTERM, self._handler)
-        signal.signal(signal.SIGINT, self._handler)
         self._parent = os.getppid() if "LOCAL_RANK" in os.environ else None
         self._grandparent = _deepspeed_runner_pid(self._parent) if self._parent else None
 
-    def _handler(self, signum, frame):
-        self.requested = True
-        self.reason = signal.Signals(signum).name
+    @property
+    def requested(self) -> bool:
+        return failure.STATE.stop_requested
+
+    @property
+    def reason(self) -> str:
+        return failure.STATE.stop_reason
 
     def launcher_gone(self) -> bool:
         if self._parent is None:
@@ -78,7 +82,7 @@ class StopRequest:
     def agreed(self, dev) -> bool:
         """True on every rank when any rank was asked to stop (they must all save together)."""
         if not self.requested and self.launcher_gone():
-            self.requested, self.reason = True, "launcher gone"
+            failure.STATE.stop_requested, failure.STATE.stop_reason = True, "launcher gone"
         flag = torch.tensor([1.0 if self.requested else 0.0], device=dev)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -107,9 +111,11 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 
 def main(argv=None) -> int:
-    rank, world = ds_engine.init_distributed()
-    cfg: RunConfig = parse_config(argv, world_size=world)
+    # The config first (the same on every rank), so that a failure from here on has its run folder.
+    cfg: RunConfig = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     t = cfg.train
+    failure.set_run(t.out)
+    rank, world = ds_engine.init_distributed()
     dev = ds_engine.device()
     torch.manual_seed(t.seed + rank)
 
@@ -120,6 +126,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")  # the resolved config, beside checkpoints and logs
 
+    failure.fault_point("startup")
     try:
         objective = build_objective(cfg, ds, dev, rank, world)
     except (ConfigError, DataError):
@@ -160,12 +167,14 @@ def main(argv=None) -> int:
             "step": step, "data_batches": data_batches, "skipped_steps": skipped_steps})
         saved_step = step
 
+    failure.enter_training_loop()
     while step < t.steps:
         with timer.section("step"):
             with timer.section("data"):
                 batch = next(batches)
                 data_batches += 1
             loss, logs = objective.forward(batch, timer, step)
+            failure.fault_point("loss")
             if not all_finite(loss):
                 # A NaN on one rank poisons every rank's averaged gradient: skip the step everywhere.
                 skipped_steps += 1
@@ -183,6 +192,7 @@ def main(argv=None) -> int:
             bad_in_a_row = 0
             with timer.section("backward"):
                 student.backward(loss)
+                failure.fault_point("backward")
                 student.step()
         step += 1
         timer.step_done()
@@ -217,6 +227,7 @@ def main(argv=None) -> int:
                       f"{step}; resume with --resume latest")
             return finish(monitor, 0)
 
+    failure.leave_training_loop()
     objective.export(out, rank)
     train_s = time.perf_counter() - loop_start - overhead_s
     if rank == 0:
@@ -265,7 +276,9 @@ def write_summary(path: Path, **values) -> None:
 
 
 def finish(monitor: Monitor, code: int) -> int:
+    failure.leave_training_loop()
     monitor.close()
+    failure.fault_point("teardown")
     ds_engine.shutdown_distributed()
     return code
 
@@ -276,8 +289,4 @@ def log(rank: int, message: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    failure.run(main)
