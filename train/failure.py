@@ -238,6 +238,8 @@ def _watch_signals(read_fd: int) -> None:
         except InterruptedError:
             continue
         for signum in data:
+            if signum not in (signal.SIGTERM, signal.SIGINT):
+                continue  # the wakeup fd gets every handled signal: torch's loader handles SIGCHLD
             name = signal.Signals(signum).name
             now = time.monotonic()
             who = f"rank {STATE.rank}"
