@@ -225,7 +225,7 @@ def check_failed(job: dict, line: str, ranks=(0, 1)) -> None:
 
 # (launcher, fault) of the test command: one rank and every rank, both launchers, a loader worker,
 # a save after a good checkpoint (nothing lost) and the teardown. DCD_FAULT_MATRIX=full runs every
-# phase on rank 1 under deepspeed and on every rank under torchrun instead (20 jobs, ~10 minutes here).
+# phase on rank 1 under deepspeed and on every rank under torchrun instead (20 jobs, ~4 minutes here).
 CI_FAULTS = [("deepspeed", "save@1#2"), ("deepspeed", "data@all"), ("torchrun", "forward@0"),
              ("torchrun", "teardown@all")]
 FULL_FAULTS = [("deepspeed", f"{phase}@1#2" if phase == "save" else f"{phase}@1") for phase in PHASES] + \

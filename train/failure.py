@@ -66,14 +66,10 @@ STATE = _State()
 
 # ----------------------------------------------------------------------------- context
 
-def set_run(out, rank: int | None = None, world: int | None = None) -> None:
-    """Where failures are written. Rank 0 calls it before any peer can fail and clears what a
-    previous failed run left in the same folder."""
+def set_run(out) -> None:
+    """Where failures are written. Every rank calls it before the process group starts (so before
+    any peer can fail); rank 0 clears what a failed run left in the same folder."""
     STATE.out = Path(out)
-    if rank is not None:
-        STATE.rank = rank
-    if world is not None:
-        STATE.world = world
     if STATE.rank == 0:
         for old in [STATE.out / FIRST_FAILURE, *STATE.out.glob("error-rank*.log")]:
             old.unlink(missing_ok=True)
