@@ -73,6 +73,11 @@ class DistillConfig:
     # is full from the start); 0 = off. From scratch the student's first proposals are random and
     # every DCD run lagged the contrastive one most early on (val 423.5 vs 447.0 at step 200).
     distill_warmup_steps: int = 0
+    # What the KD and hard terms are: published (the reference) | listwise (KD to the row-
+    # standardised teacher) | denoised (near-positive candidates are extra positives) | margin
+    # (KD = Margin-MSE); train/distill/losses.py OBJECTIVES, docs/RESULTS.md for the ablation.
+    objective: str = "published"
+    positive_margin: float = 0.0         # the denoised objective's margin, in teacher logits
 
 
 @dataclass
@@ -147,10 +152,13 @@ STAGE_DEFAULTS = {
     "teacher": dict(lr=1e-3, weight_decay=1e-4, warmup_steps=100, schedule="cosine",
                     twins_in_batch=True, batch_size=32, steps=1600),
     # batch_size None: the ds config's train_micro_batch_size_per_gpu decides.
+    # Twins in the batch for the students too (NegCLIP's hard negatives; the same stream for the
+    # contrastive baseline and DCD): without them the pool never holds the one image a binding-
+    # blind student confuses, and no loss can teach binding (docs/RESULTS.md, issue 13).
     "student": dict(lr=1e-3, weight_decay=0.01, warmup_steps=None, schedule="cosine",
-                    twins_in_batch=False, batch_size=None, steps=600),
+                    twins_in_batch=True, batch_size=None, steps=600),
     "distill": dict(lr=1e-3, weight_decay=0.01, warmup_steps=None, schedule="cosine",
-                    twins_in_batch=False, batch_size=None, steps=600),
+                    twins_in_batch=True, batch_size=None, steps=600),
 }
 
 
@@ -258,6 +266,9 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         raise ConfigError(f"distill.weighting: '{dist.weighting}' (use entropy, wsl or none)")
     if dist.kd_loss not in ("kl", "mse"):
         raise ConfigError(f"distill.kd_loss: '{dist.kd_loss}' (use kl or mse)")
+    if dist.objective not in ("published", "listwise", "denoised", "margin"):
+        raise ConfigError(f"distill.objective: '{dist.objective}' (use published, listwise, denoised "
+                          f"or margin)")
     if dist.negatives_from not in ("teacher", "random"):
         raise ConfigError(f"distill.negatives_from: '{dist.negatives_from}' (use teacher or random)")
     if dist.false_negative_margin is not None and dist.negatives_from != "teacher":

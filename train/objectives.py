@@ -108,7 +108,8 @@ class DistillObjective(StudentObjective):
             kd_temperature=d.kd_temperature, kd_loss=d.kd_loss, lambda_itc=d.lambda_itc,
             weighting=d.weighting, directions=tuple(x.strip() for x in d.directions.split(",")),
             distill_queries=d.distill_queries, negatives_from=d.negatives_from,
-            false_negative_margin=d.false_negative_margin)
+            false_negative_margin=d.false_negative_margin, objective=d.objective,
+            positive_margin=d.positive_margin)
         self.teacher_params_local = ds_engine.local_parameter_elements(teacher)
         self.teacher_params_total = ds_engine.total_parameter_elements(teacher)
 
