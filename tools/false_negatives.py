@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--student", required=True, nargs="+", help="student folder(s)")
     parser.add_argument("--max-images", type=int, default=None, help="first N images (default all)")
     parser.add_argument("--seeds", type=int, default=3, help="random tie orders to average")
+    parser.add_argument("--json-out", help="also write the JSON object to this file")
     args = parser.parse_args(argv)
     from train.models.oracle import build_scene_oracle
     from train.models.presets import build_student
@@ -90,7 +91,10 @@ def main(argv=None) -> int:
             m = report[name]
             print(f"  {name:<20} TR R@1 {m['tr_r1']:5.1f}  IR R@1 {m['ir_r1']:5.1f}  RSUM {m['rsum']:6.1f}")
         print(f"  student top-10 captions per image that are true: {100 * report['student_top10_true']:.1f}%")
-    print(json.dumps({"students": reports, "seconds": round(time.perf_counter() - start, 1)}))
+    result = json.dumps({"students": reports, "seconds": round(time.perf_counter() - start, 1)})
+    if args.json_out:
+        Path(args.json_out).write_text(result + "\n")
+    print(result)
     return 0
 
 

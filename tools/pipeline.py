@@ -119,6 +119,16 @@ def main(argv=None) -> int:
                     # first proposals are random (400 steps: test RSUM 379.0 with, 362.3 without)
                     "--distill-warmup-steps", str(max(sizes["distill_steps"] // 2, 1)))])
 
+    # The contrastive student again, for as many steps as fit in DCD's training time: a method that
+    # wins per step but loses per minute must say so.
+    equal_time = run / "baseline_equal_time" / "student"
+    if not (equal_time / "config.json").exists() or args.fresh:
+        seconds_per_step = {name: json.loads((run / name / "train_summary.json").read_text())["seconds_per_step"]
+                            for name in ("baseline", "dcd")}
+        steps = round(sizes["distill_steps"] * seconds_per_step["dcd"] / seconds_per_step["baseline"])
+        p.step("baseline at DCD's wall time", equal_time / "config.json",
+               [p.train("student", run / "baseline_equal_time", steps)])
+
     evals = run / "eval"
     evals.mkdir(exist_ok=True)
     subset = ["--max-images", str(sizes["eval_images"])]
@@ -128,11 +138,17 @@ def main(argv=None) -> int:
     p.step("evaluate", evals / "rerank.json", [
         p.evaluate("student", baseline, None, evals / "baseline.json"),
         p.evaluate("student", dcd, None, evals / "dcd.json"),
+        p.evaluate("student", equal_time, None, evals / "baseline_equal_time.json"),
         p.evaluate("teacher", dcd, teacher, evals / "teacher.json", *subset),
         p.evaluate("student", baseline, None, evals / "baseline_subset.json", *subset),
         p.evaluate("student", dcd, None, evals / "dcd_subset.json", *subset),
         p.evaluate("rerank", dcd, teacher, evals / "rerank.json", "--rerank-k", "16"),
     ])
+    # How specific the captions are (captions true of another image, ranking by truth alone): the
+    # figures that say whether "own caption" and "true caption" coincide on this data.
+    p.step("data figures", evals / "false_negatives.json", [[
+        p.python, "tools/false_negatives.py", "--shards", sizes["shards"], "--split", "test",
+        "--student", str(baseline), "--json-out", str(evals / "false_negatives.json")]])
     bench = run / "benchmark"
     p.step("benchmark", bench / "retrieval.json", [[
         p.python, "tools/benchmark.py", "retrieval", "--student", str(dcd), "--teacher", str(teacher),

@@ -16,6 +16,7 @@ METRICS = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum", "bind
 
 # (label, eval file, training folder) in table order
 FULL_ROWS = [("contrastive baseline (student)", "baseline.json", "baseline"),
+             ("contrastive baseline, DCD's wall time", "baseline_equal_time.json", "baseline_equal_time"),
              ("DCD student", "dcd.json", "dcd"),
              ("rerank: DCD top-16 -> teacher", "rerank.json", None)]
 SUBSET_ROWS = [("teacher, all pairs", "teacher.json", "teacher"),
@@ -42,6 +43,12 @@ def _table(rows: list[dict], title: str) -> str:
 
 def collect(run: Path, times: dict | None = None) -> dict:
     evals, results = run / "eval", {"full": [], "subset": [], "speed": [], "times": times or {}}
+    ambiguity = _read(evals / "false_negatives.json")
+    if ambiguity and ambiguity.get("students"):
+        first = ambiguity["students"][0]
+        results["data"] = {k: first[k] for k in ("images", "captions", "true_captions_per_image",
+                                                  "captions_true_of_other_images")}
+        results["data"]["truth_ranking_rsum"] = first["truth_random_ties"]["rsum"]
     for key, rows in (("full", FULL_ROWS), ("subset", SUBSET_ROWS)):
         for label, name, train_dir in rows:
             metrics = _read(evals / name)
@@ -65,6 +72,12 @@ def collect(run: Path, times: dict | None = None) -> dict:
 
 def render(results: dict) -> str:
     parts = []
+    data = results.get("data")
+    if data:
+        parts.append(f"**Data** (tools/false_negatives.py, test split {data['images']} x {data['captions']}): "
+                     f"{data['true_captions_per_image']:.1f} captions true of each image (5 its own), "
+                     f"{100 * data['captions_true_of_other_images']:.1f}% of captions true of another "
+                     f"image, ranking by truth alone (ties at random) RSUM {data['truth_ranking_rsum']:.1f}")
     if results["full"]:
         first = results["full"][0]
         parts.append(_table(results["full"], f"Test split, {first.get('images')} images x "
