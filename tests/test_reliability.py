@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import logging
 import os
 import signal
@@ -113,7 +114,13 @@ def add_bad_shards(shards: Path, split: str, names: list, first: bool = False, t
     if truncate is not None:
         victim = shards / manifest["shards"][truncate]
         data = victim.read_bytes()
-        victim.write_bytes(data[: len(data) * 6 // 10])
+        # Cut inside a member's data, not at a 512-byte header boundary: a tar that ends exactly
+        # between members reads as a shorter, intact tar (whether 60% lands there depends on the
+        # sizes of the images, which changed with the data generator).
+        with tarfile.open(victim) as tar:
+            members = [m for m in tar.getmembers() if m.size > 2]
+        member = min(members, key=lambda m: abs(m.offset_data - len(data) * 6 // 10))
+        victim.write_bytes(data[: member.offset_data + member.size // 2])
     manifest["shards"] = names + manifest["shards"] if first else manifest["shards"] + names
     manifest["shard_counts"] = [sum(1 for _ in read_shard(shards / s)) for s in manifest["shards"]]
     manifest_path.write_text(json.dumps(manifest))
