@@ -84,8 +84,10 @@ class DistillConfig:
 class TeacherLossConfig:
     """The matching loss of `--stage teacher` (train/models/teacher_training.py has the measured
     trade-offs); the defaults are the recipe that trained assets/teacher-film."""
-    random_negatives: int = 1            # random in-batch captions (and images) per image
-    similar_negatives: int = 0           # in-batch captions sampled by similarity (ALBEF-style)
+    # 3 random + 1 similar: the recipe of assets/teacher-film on the specific captions (issue 13: a
+    # teacher meant to rank whole galleries needs more than one random negative per image)
+    random_negatives: int = 3            # random in-batch captions (and images) per image
+    similar_negatives: int = 1           # in-batch captions sampled by similarity (ALBEF-style)
     # A saved student whose image-caption cosine picks the similar negatives instead of word
     # overlap: trains the teacher on the kind of candidates DCD will ask it to rank.
     negatives_student: Optional[str] = None
