@@ -21,7 +21,8 @@ def test_fast_pipeline_writes_results_and_skips_done_steps(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     models = [row["model"] for row in results["full"]]
-    assert models == ["contrastive baseline (student)", "DCD student", "rerank: DCD top-16 -> teacher"]
+    assert models == ["contrastive baseline (student)", "contrastive baseline, DCD's wall time",
+                      "DCD student", "rerank: DCD top-16 -> teacher"]
     assert results["subset"][0]["model"] == "teacher, all pairs"
     assert all(row["rsum"] is not None for row in results["full"] + results["subset"])
     assert results["speed"] and all(s["speedup_student"] > 0 for s in results["speed"])
@@ -30,6 +31,7 @@ def test_fast_pipeline_writes_results_and_skips_done_steps(tmp_path):
     # A second run finds every step done and only rewrites the table.
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert second.stdout.count("already done") == 6
+    assert second.stdout.count("already done") == 8
+    assert "captions true of another" in (tmp_path / "run" / "results.md").read_text()
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["times"] == results["times"]  # the first run's step times are kept

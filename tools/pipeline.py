@@ -122,12 +122,11 @@ def main(argv=None) -> int:
     # The contrastive student again, for as many steps as fit in DCD's training time: a method that
     # wins per step but loses per minute must say so.
     equal_time = run / "baseline_equal_time" / "student"
-    if not (equal_time / "config.json").exists() or args.fresh:
-        seconds_per_step = {name: json.loads((run / name / "train_summary.json").read_text())["seconds_per_step"]
-                            for name in ("baseline", "dcd")}
-        steps = round(sizes["distill_steps"] * seconds_per_step["dcd"] / seconds_per_step["baseline"])
-        p.step("baseline at DCD's wall time", equal_time / "config.json",
-               [p.train("student", run / "baseline_equal_time", steps)])
+    seconds_per_step = {name: json.loads((run / name / "train_summary.json").read_text())["seconds_per_step"]
+                        for name in ("baseline", "dcd")}
+    steps = round(sizes["distill_steps"] * seconds_per_step["dcd"] / seconds_per_step["baseline"])
+    p.step("baseline at DCD's wall time", equal_time / "config.json",
+           [p.train("student", run / "baseline_equal_time", steps)])
 
     evals = run / "eval"
     evals.mkdir(exist_ok=True)

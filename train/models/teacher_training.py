@@ -37,8 +37,10 @@ class TeacherTrainingConfig:
     # twin image and, free, the image of the random pair) learned the binding at the recipe's pace
     # (67-70% at step 300, 64 images a step); with 1 similar + 3 random negatives (~7.5 pairs per
     # image) steps cost ~1.8x and binding lagged (60-63% at step 300), with 2 random ~57% at 200.
-    random_negatives: int = 1
-    similar_negatives: int = 0
+    # 3 random + 1 similar: the recipe of assets/teacher-film on the specific captions (session 4,
+    # docs/RESULTS.md): a teacher that ranks whole galleries needs more than one random negative.
+    random_negatives: int = 3
+    similar_negatives: int = 1
     perturbed_negative: bool = True
     similarity_temperature: float = 0.1   # sampling temperature over word-overlap (Jaccard) scores
     caption_loss_weight: float = 1.0      # weight of the per-caption (text -> image) cross-entropy
