@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, get_args, get_origin, get_type_hints
 
+from train.failure import ReportedError
+
 STAGES = ("distill", "student", "teacher")
 
 # Where a run's stages write by default, and so the teacher distillation uses when none is named:
@@ -137,7 +139,7 @@ class RunConfig:
         os.replace(tmp, path)
 
 
-class ConfigError(ValueError):
+class ConfigError(ReportedError):
     """A configuration value or file that cannot be used; the message is one line."""
 
 

@@ -49,7 +49,7 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
                   "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
-class DataError(ValueError):
+class DataError(failure.ReportedError):
     """A missing or malformed shard folder, manifest, shard or tokenizer; the message names the path."""
 
 

@@ -129,15 +129,19 @@ def fault_point(phase: str) -> None:
 
 # ----------------------------------------------------------------------------- exiting
 
+class ReportedError(ValueError):
+    """An error whose one-line message is the whole report (a bad flag, config, file or field): no
+    type prefix, no traceback, exit 2. train.config.ConfigError and train.data.DataError derive from
+    it, so this module needs neither of them (data.py imports this one for its fault point)."""
+
+
 def one_line(error: BaseException) -> str:
     """`Type: message`, first line; the original error of one re-raised from a loader worker."""
-    from train.config import ConfigError
-    from train.data import DataError
     text = str(error).strip()
     if "\nOriginal Traceback" in text:  # torch's re-raise of a worker's exception: its last line
         text = text.splitlines()[-1].split(": ", 1)[-1]
     text = text.splitlines()[0] if text else ""
-    if isinstance(error, (ConfigError, DataError)):
+    if isinstance(error, ReportedError):
         return text or type(error).__name__
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -208,9 +212,7 @@ def exit_now(code: int, what: str, details: str = "") -> None:
 
 
 def _fail(error: BaseException) -> None:
-    from train.config import ConfigError
-    from train.data import DataError
-    known = isinstance(error, (ConfigError, DataError))
+    known = isinstance(error, ReportedError)
     details = "" if known else "".join(traceback.format_exception(error))
     exit_now(2 if known else 1, one_line(error), details)
 
