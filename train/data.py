@@ -89,12 +89,13 @@ def load_manifest(shards_dir, split: str) -> dict:
 
 
 def load_tokenizer(path):
-    """A tokenizer folder written by save_pretrained (e.g. `{shards}/tokenizer`)."""
-    from transformers import AutoTokenizer
+    """The data tokenizer folder written by save_pretrained (e.g. `{shards}/tokenizer`); a missing one
+    is a DataError (one line) instead of transformers' long OSError."""
+    from train.models.common import load_tokenizer as load_saved_tokenizer
     folder = Path(path)
     if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
         raise DataError(f"no tokenizer in {folder} (tools/make_shards.py writes one to {{out}}/tokenizer)")
-    return AutoTokenizer.from_pretrained(str(folder))
+    return load_saved_tokenizer(folder)
 
 
 def train_tokenizer(captions, out_dir, vocab_size: int = 8000, min_frequency: int = 1,

@@ -35,13 +35,10 @@ from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionMod
                           RobertaModel)
 
 from train.models.student import DualEncoder, build_tower, register_tower
-from train.models.teacher import CrossEncoder, load_tokenizer
+from train.models.common import CLIP_MEAN, CLIP_STD, load_tokenizer
+from train.models.teacher import CrossEncoder
 
 BACKEND_NAME = "meter"
-
-# OpenAI CLIP's pixel statistics: METER's "clip" transforms normalise with them.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Token types METER gives each side before fusion: text 0, image 1 (`image_token_type_idx=1`).
 TEXT_TOKEN_TYPE = 0

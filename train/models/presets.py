@@ -10,8 +10,8 @@ from pathlib import Path
 
 from train.models.student import (DualEncoder, student_from_config, student_from_hf_clip,
                                   student_from_hf_vtde, student_from_vilt_teacher)
-from train.models.teacher import (FILM_DEFAULTS, FilmCrossEncoder, ViltCrossEncoder, load_teacher_folder,
-                                  load_tokenizer, read_config)
+from train.models.common import load_tokenizer, read_config
+from train.models.teacher import FILM_DEFAULTS, FilmCrossEncoder, ViltCrossEncoder, load_teacher_folder
 
 # ----------------------------------------------------------------------------------------------
 # presets

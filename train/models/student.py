@@ -21,12 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.teacher import (TOKENIZER_DIR, has_tokenizer_files, load_tokenizer, load_weights,
-                                  read_config, resize_and_normalize, tokenize_captions,
-                                  with_coordinates, write_model_folder)
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from train.models.common import (CLIP_MEAN, CLIP_STD, TOKENIZER_DIR, has_tokenizer_files,
+                                 load_tokenizer, load_weights, read_config, resize_and_normalize,
+                                 tokenize_captions, with_coordinates, write_model_folder)
 
 # ----------------------------------------------------------------------------------------------
 # tower registry
