@@ -366,7 +366,7 @@ def test_pair_indexed_forward_equals_aligned(tiny_teacher):
 
 
 def test_save_pretrained_round_trip(tiny_teacher, tmp_path):
-    from train.models.teacher import load_teacher_folder
+    from train.models.presets import load_teacher_folder
     tiny_teacher.save_pretrained(tmp_path / "teacher")
     for loaded in (build_meter_teacher(tmp_path / "teacher"), load_teacher_folder(tmp_path / "teacher")):
         loaded.eval()

@@ -6,7 +6,7 @@ import torch
 
 from train.models.presets import build_student, build_teacher
 from train.models.student import DualEncoder, build_tower, register_tower
-from train.models.teacher import CrossEncoder, count_parameters
+from train.models.teacher import CrossEncoder
 
 COLOURS = "red green blue yellow purple orange cyan".split()
 SHAPES = "circle square triangle star".split()
@@ -20,6 +20,10 @@ def scene_captions(n, seed=0):
         (a, b), (s, t) = rng.sample(COLOURS, 2), rng.sample(SHAPES, 2)
         captions.append(f"a {a} {s} {rng.choice(RELATIONS)} a {b} {t}")
     return captions
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def make_tokenizer(folder):

@@ -173,7 +173,8 @@ def _film_reference_scores(teacher, pixels, input_ids, attention_mask, image_ind
 @pytest.mark.parametrize("block_norm", ["batch", "group"])
 def test_film_fast_scoring_equals_per_pair_reference(block_norm, tokenizer_dir):
     from train.models.presets import TEACHER_PRESETS
-    from train.models.teacher import FilmCrossEncoder, load_tokenizer
+    from train.models.common import load_tokenizer
+    from train.models.film import FilmCrossEncoder
     torch.manual_seed(0)
     config = {k: v for k, v in TEACHER_PRESETS["film-tiny"].items() if k != "backend"}
     teacher = FilmCrossEncoder(dict(config, block_norm=block_norm), load_tokenizer(tokenizer_dir))
@@ -203,7 +204,7 @@ def test_zero3_partitioned_film_calls_each_module_equally_often_whatever_the_pai
     a data-dependent number of calls desynchronises the ranks (seen: gloo size mismatch). The
     slice count is all-reduced (MAX) over the ranks: faked here as another rank needing 4 slices,
     which both pair counts below must then use (tests/test_teacher_zero3.py runs it for real)."""
-    from train.models.teacher import FilmCrossEncoder
+    from train.models.film import FilmCrossEncoder
     teacher = build_teacher("film-tiny", tokenizer_dir=tokenizer_dir).eval()
     monkeypatch.setattr(FilmCrossEncoder, "zero3_partitioned", lambda self: True)
     monkeypatch.setattr(torch.distributed, "all_reduce",

@@ -18,8 +18,8 @@ has backend "meter"). Public entry points:
     map_meter_state_dict(meter_state_dict) -> state dict in this backend's names
     meter_config_from_state_dict(mapped, base=None) -> MeterConfig (sizes read from the weights)
     meter_student_from_teacher(teacher, embed_dim=256) -> DualEncoder (the teacher's towers, no fusion)
-It also registers the student tower kinds `meter_image` and `meter_text` (student.py imports this
-module lazily for kinds starting with "meter").
+It also registers the student tower kinds `meter_image` and `meter_text` (presets.load_student imports
+this module for kinds starting with "meter").
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionMod
 
 from train.models.student import DualEncoder, build_tower, register_tower
 from train.models.common import CLIP_MEAN, CLIP_STD, load_tokenizer
-from train.models.teacher import CrossEncoder
+from train.models.teacher import CrossEncoder, register_teacher
 
 BACKEND_NAME = "meter"
 
@@ -246,6 +246,7 @@ def _init_fusion_weights(module: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The teacher
 
+@register_teacher
 class MeterTeacher(CrossEncoder):
     """METER cross-encoder behind the project's CrossEncoder interface: forward(pixel_values,
     input_ids, attention_mask, image_index=None, text_index=None) -> matching logits [N] for the pairs
@@ -341,6 +342,11 @@ class MeterTeacher(CrossEncoder):
 
     def config_dict(self) -> dict:
         return {"meter": asdict(self.meter_config)}
+
+    @classmethod
+    def from_pretrained(cls, folder) -> MeterTeacher:
+        """A folder written by save_pretrained (its own tokenizer/ when it has one)."""
+        return build_meter_teacher(str(folder), None)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,13 +5,21 @@ by transformers (ViLT teacher; CLIP / VisionTextDualEncoder student), or a hub i
 only when it is not a local path; offline it fails with one line). Anything else: ValueError.
 Weights are read only with safetensors (ours) or transformers' own loaders (safetensors first).
 """
+import importlib
 import re
 from pathlib import Path
 
 from train.models.student import (DualEncoder, student_from_config, student_from_hf_clip,
                                   student_from_hf_vtde, student_from_vilt_teacher)
 from train.models.common import load_tokenizer, read_config
-from train.models.teacher import FILM_DEFAULTS, FilmCrossEncoder, ViltCrossEncoder, load_teacher_folder
+from train.models.film import FILM_DEFAULTS, FilmCrossEncoder
+from train.models.teacher import TEACHER_BACKENDS
+from train.models.vilt import ViltCrossEncoder
+
+# Backends and tower kinds whose modules are imported only when a spec or folder needs them (METER
+# pulls in more of transformers), by the name of the backend / the prefix of the tower kind. The
+# modules register their classes (register_teacher, register_tower) when imported.
+LAZY_MODULES = {"meter": "train.models.meter"}
 
 # ----------------------------------------------------------------------------------------------
 # presets
@@ -91,8 +99,23 @@ def teacher_from_preset(name, tokenizer_dir=None):
 
 
 def _meter_module():
-    from train.models import meter  # lazy: only METER runs need it
-    return meter
+    return importlib.import_module(LAZY_MODULES["meter"])
+
+
+def _import_lazy_module(name):
+    """Import the module registering backend or tower kind `name`, when it is a lazy one."""
+    module = LAZY_MODULES.get(name.split("_")[0])
+    if module is not None:
+        importlib.import_module(module)
+
+
+def load_teacher_folder(folder):
+    """A folder written by CrossEncoder.save_pretrained: the class registered for its "backend"."""
+    backend = read_config(folder).get("backend")
+    _import_lazy_module(str(backend))
+    if backend not in TEACHER_BACKENDS:
+        raise ValueError(f"teacher folder {folder} has unknown backend {backend!r}")
+    return TEACHER_BACKENDS[backend].from_pretrained(folder)
 
 
 def build_teacher(spec, tokenizer_dir=None):
@@ -170,7 +193,7 @@ def build_student(spec, tokenizer_dir=None, teacher=None):
     if path.is_dir():
         config = read_config(path)
         if config.get("backend") == "dual_encoder":
-            return DualEncoder.from_pretrained(path)
+            return load_student(path)
         if "model_type" in config:
             return _student_from_transformers(spec, config["model_type"], tokenizer_dir)
         raise ValueError(f"student folder {spec} holds neither a saved student nor a CLIP / "
@@ -187,5 +210,8 @@ def build_student(spec, tokenizer_dir=None, teacher=None):
 
 
 def load_student(folder):
-    """A student folder written by DualEncoder.save_pretrained."""
+    """A student folder written by DualEncoder.save_pretrained (towers of lazy kinds imported first)."""
+    config = read_config(folder)
+    for tower in ("image_tower", "text_tower"):
+        _import_lazy_module(config.get(tower, {}).get("kind", ""))
     return DualEncoder.from_pretrained(folder)

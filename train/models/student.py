@@ -4,7 +4,8 @@
 
 Towers are built from small config dicts through a registry of tower kinds, so that
 `DualEncoder.from_pretrained(folder)` can rebuild any student from its config.json alone, and other
-modules (METER) can register their own kinds. A tower is an nn.Module with `width` (the size of its
+modules (METER) can register their own kinds (train/models/presets.py's `load_student` imports such
+a module before loading a folder that needs it). A tower is an nn.Module with `width` (the size of its
 pooled output) and `tower_config` (a JSON-able dict with "kind" and "modality"); an image tower's
 forward takes pixel_values, a text tower's takes (input_ids, attention_mask); both return [N, width].
 
@@ -12,7 +13,6 @@ Kinds here: `cnn` (image, CPU), `transformer` and `gru` (text, CPU), `hf_clip` /
 (a transformers vision or text model built from its config; weights from a CLIPModel or
 VisionTextDualEncoderModel), `vilt` (ViLT's transformer run on image-only or text-only sequences).
 """
-import importlib
 import json
 import math
 from pathlib import Path
@@ -29,8 +29,6 @@ from train.models.common import (CLIP_MEAN, CLIP_STD, TOKENIZER_DIR, has_tokeniz
 # tower registry
 
 TOWER_KINDS = {}
-# kinds whose classes live in modules imported only when needed, by prefix of the kind name
-LAZY_TOWER_MODULES = {"meter": "train.models.meter"}
 
 
 def register_tower(*kinds):
@@ -44,11 +42,7 @@ def register_tower(*kinds):
 
 def build_tower(tower_config):
     kind = tower_config["kind"]
-    if kind not in TOWER_KINDS:
-        module = LAZY_TOWER_MODULES.get(kind.split("_")[0])
-        if module is not None:
-            importlib.import_module(module)
-    if kind not in TOWER_KINDS:
+    if kind not in TOWER_KINDS:  # kinds of lazily imported modules: presets.load_student imports them
         raise ValueError(f"unknown tower kind {kind!r} (known: {', '.join(sorted(TOWER_KINDS))})")
     return TOWER_KINDS[kind](dict(tower_config))
 
