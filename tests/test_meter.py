@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.models import meter
-from train.models.meter import (MeterTeacher, build_meter_teacher, load_meter_checkpoint,
-                                map_meter_state_dict, meter_clip16_roberta_config,
-                                meter_config_from_state_dict, meter_student_from_teacher)
+from train.models.meter import (MeterTeacher, build_meter_teacher, meter_clip16_roberta_config,
+                                meter_config_from_state_dict)
+from train.models.meter_checkpoint import load_meter_checkpoint, map_meter_state_dict
+from train.models.meter_student import meter_student_from_teacher
 
 WORDS = ("a red blue green small large circle square triangle left right of the above below "
          "and next to is on in picture image").split()

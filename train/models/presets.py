@@ -19,7 +19,8 @@ from train.models.vilt import ViltCrossEncoder
 # Backends and tower kinds whose modules are imported only when a spec or folder needs them (METER
 # pulls in more of transformers), by the name of the backend / the prefix of the tower kind. The
 # modules register their classes (register_teacher, register_tower) when imported.
-LAZY_MODULES = {"meter": "train.models.meter"}
+LAZY_TEACHER_MODULES = {"meter": "train.models.meter"}
+LAZY_TOWER_MODULES = {"meter": "train.models.meter_student"}
 
 # ----------------------------------------------------------------------------------------------
 # presets
@@ -99,12 +100,12 @@ def teacher_from_preset(name, tokenizer_dir=None):
 
 
 def _meter_module():
-    return importlib.import_module(LAZY_MODULES["meter"])
+    return importlib.import_module(LAZY_TEACHER_MODULES["meter"])
 
 
-def _import_lazy_module(name):
+def _import_lazy_module(table, name):
     """Import the module registering backend or tower kind `name`, when it is a lazy one."""
-    module = LAZY_MODULES.get(name.split("_")[0])
+    module = table.get(name.split("_")[0])
     if module is not None:
         importlib.import_module(module)
 
@@ -112,7 +113,7 @@ def _import_lazy_module(name):
 def load_teacher_folder(folder):
     """A folder written by CrossEncoder.save_pretrained: the class registered for its "backend"."""
     backend = read_config(folder).get("backend")
-    _import_lazy_module(str(backend))
+    _import_lazy_module(LAZY_TEACHER_MODULES, str(backend))
     if backend not in TEACHER_BACKENDS:
         raise ValueError(f"teacher folder {folder} has unknown backend {backend!r}")
     return TEACHER_BACKENDS[backend].from_pretrained(folder)
@@ -164,7 +165,7 @@ def student_from_teacher(teacher):
     if backend == "vilt":
         return student_from_vilt_teacher(teacher)
     if backend == "meter":
-        return _meter_module().meter_student_from_teacher(teacher)
+        return importlib.import_module(LAZY_TOWER_MODULES["meter"]).meter_student_from_teacher(teacher)
     raise ValueError(f"cannot initialise a student from a {backend!r} teacher (it has no unimodal "
                      f"towers): use student-tiny or an HF dual encoder")
 
@@ -213,5 +214,5 @@ def load_student(folder):
     """A student folder written by DualEncoder.save_pretrained (towers of lazy kinds imported first)."""
     config = read_config(folder)
     for tower in ("image_tower", "text_tower"):
-        _import_lazy_module(config.get(tower, {}).get("kind", ""))
+        _import_lazy_module(LAZY_TOWER_MODULES, config.get(tower, {}).get("kind", ""))
     return DualEncoder.from_pretrained(folder)
