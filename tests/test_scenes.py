@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from tools import scenes
+from train.synthetic import reader, scenes
 
 
 def test_deterministic_by_seed_and_seeds_differ():
@@ -88,7 +88,7 @@ def test_every_caption_template_says_what_its_claim_says(style):
     checked = 0
     for index, objects in enumerate(worlds[:60]):
         for text, claim in scenes.CAPTION_TEMPLATES[style](objects, random.Random(index)):
-            stated = scenes.read_caption(text)
+            stated = reader.read_caption(text)
             assert scenes.claim_holds(stated, objects), text
             for other in worlds:
                 assert scenes.claim_holds(stated, other) == scenes.claim_holds(claim, other), (text, other)
@@ -97,17 +97,17 @@ def test_every_caption_template_says_what_its_claim_says(style):
 
 
 def test_read_caption_reads_decoded_text_and_names_what_it_cannot_read():
-    claim = scenes.read_caption("three shapes: a red circle, a big blue box and a white plus sign")
+    claim = reader.read_caption("three shapes: a red circle, a big blue box and a white plus sign")
     assert claim.count == 3 and [m.shape for m in claim.mentions] == ["circle", "square", "cross"]
     assert claim.mentions[1].size == "large" and claim.relations == ()
-    claim = scenes.read_caption("a green disc with a yellow triangle above it")
+    claim = reader.read_caption("a green disc with a yellow triangle above it")
     assert claim.relations == ((1, "above", 0),)
-    claim = scenes.read_caption("the small red circle is on the left of the blue square in the lower right corner")
+    claim = reader.read_caption("the small red circle is on the left of the blue square in the lower right corner")
     assert claim.relations == ((0, "left", 1),) and claim.mentions[1].cell == (1, 1)
     with pytest.raises(ValueError, match="'a red circle near a blue square'.*'near'"):
-        scenes.read_caption("a red circle near a blue square")
+        reader.read_caption("a red circle near a blue square")
     with pytest.raises(ValueError, match="names no coloured shape"):
-        scenes.read_caption("a picture of nothing")
+        reader.read_caption("a picture of nothing")
 
 
 def test_partial_style_regenerates_the_first_generator():
@@ -131,7 +131,7 @@ def test_specific_captions_are_true_of_their_own_scene_only():
     true_elsewhere, total = 0, 0
     for i, (_, rec) in enumerate(items):
         for caption in rec["captions"]:
-            claim = scenes.read_caption(caption)
+            claim = reader.read_caption(caption)
             assert claim.count == len(objects[i]) and len(claim.mentions) == len(objects[i]), caption
             assert all(m.size is not None for m in claim.mentions), caption
             total += 1

@@ -221,7 +221,7 @@ def require_dir(path, what: str) -> Path:
 
 
 def synthetic_source(args) -> dict:
-    from tools import scenes
+    from train.synthetic import scenes
     sizes = {"train": args.train_images, "val": args.val_images, "test": args.test_images}
     out = {}
     for offset, (split, n) in enumerate(sizes.items()):
@@ -247,7 +247,7 @@ class SyntheticPair:
     captions: str = "specific"
 
     def __call__(self) -> list:
-        from tools import scenes
+        from train.synthetic import scenes
         pairs = scenes.generate_pair(self.seed, self.group, self.image_size, style=self.captions)
         return [Item(rec["image_id"], ArrayLoader(pixels), rec["captions"],
                      {"dataset": "synthetic", "seed": self.seed, "captions_style": self.captions,

@@ -4,8 +4,8 @@
 
 It scores a pair (image, caption) by whether the caption is TRUE of the image's scene (+margin) or
 not (-margin), reading the scene from the shards' metadata and the caption with
-`tools.scenes.read_caption`. Nothing is learned. It answers the question the DCD ablation leaves
-open when DCD does not beat the contrastive student: is the teacher the bottleneck (then DCD from
+`train.synthetic.reader.read_caption`. Nothing is learned. It answers the question the DCD ablation
+leaves open when DCD does not beat the contrastive student: is the teacher the bottleneck (then DCD from
 this oracle wins), or the student and the budget (then even a perfect teacher does not help)?
 It also knows what no learned teacher here does: which captions of OTHER images are true of an
 image (the data's false negatives), and every binding.
@@ -54,7 +54,7 @@ class SceneOracle(CrossEncoder):
     backend = "scene-oracle"
 
     def __init__(self, shards_dir, margin: float = MARGIN):
-        from tools import scenes
+        from train.synthetic import reader, scenes
         from train import data
 
         shards_dir = Path(shards_dir)
@@ -91,7 +91,7 @@ class SceneOracle(CrossEncoder):
         self._scene_tables = {}  # image size -> {pixel hash: scene}
         self.captions = sorted(captions)
         self.caption_id = {text: i + 1 for i, text in enumerate(self.captions)}  # 0 pads
-        self.claims = [None] + [scenes.read_caption(text) for text in self.captions]
+        self.claims = [None] + [reader.read_caption(text) for text in self.captions]
         # the one parameter: DeepSpeed wraps only modules that have parameters (and broadcasts them
         # as bytes, which a 0-dim tensor cannot be viewed as)
         self.margin = nn.Parameter(torch.tensor([float(margin)]), requires_grad=False)
