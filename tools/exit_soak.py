@@ -76,8 +76,10 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     shards = work / "shards"
     if not (shards / "train.json").is_file():
-        from tests.fixtures import make_synthetic_shards
-        make_synthetic_shards(shards, train=128, val=16, test=0, maxcount=32, tokenizer=True, image_size=32)
+        from tools import make_shards
+        make_shards.main(["--source", "synthetic", "--out", str(shards), "--train-images", "128",
+                          "--val-images", "16", "--test-images", "0", "--maxcount", "32",
+                          "--image-size", "32", "--seed", "0", "--quiet"])
 
     runs = []
     for i in range(args.runs):
