@@ -1,7 +1,7 @@
 """Shared pytest set-up.
 
 Tests run on CPU with small tensors; one thread per process keeps 2-rank tests from fighting over
-the 2 cores (PLATFORM_NOTES: 2 threads per rank made a small model 10x slower).
+the 2 cores (docs/platform_notes.md: 2 threads per rank made a small model 10x slower).
 """
 import os
 import sys

@@ -290,7 +290,7 @@ def _gloo_worker(rank, world_size, rows_per_rank, init_file, out_dir):
         results = {name: step(student, batch, comm, cfg) for name, cfg in CONFIGS.items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()  # PLATFORM_NOTES: avoids gloo's teardown abort
+        dist.destroy_process_group()  # docs/platform_notes.md: avoids gloo's teardown abort
 
 
 def test_real_gloo_two_ranks_match_one_rank(tmp_path):

@@ -90,7 +90,7 @@ def test_teacher_forward_backward(preset, tokenizer_dir):
 def test_film_teacher_matches_the_measured_architecture(tokenizer_dir):
     teacher = build_teacher("film-tiny", tokenizer_dir)
     matching = count_parameters(teacher) - count_parameters(teacher.word_head)
-    assert 540_000 < matching < 580_000  # PLATFORM_NOTES: ~557k
+    assert 540_000 < matching < 580_000  # docs/platform_notes.md: 557k
     features = teacher.stem(teacher.preprocess_images(uint8_images(2)))
     assert features.shape == (2, 64, 8, 8)
 

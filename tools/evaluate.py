@@ -99,7 +99,7 @@ def setup_distributed():
 
 
 def teardown_distributed():
-    """PLATFORM_NOTES: gloo aborts at exit about 1 run in 3 unless the group is destroyed."""
+    """docs/platform_notes.md: gloo aborts at exit about 1 run in 3 unless the group is destroyed."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()

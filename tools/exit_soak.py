@@ -4,7 +4,7 @@
 
 Every run is the real thing: `deepspeed --num_gpus RANKS train/run.py` on tiny synthetic shards
 (written once), a fresh output folder each time. A run whose work succeeded must exit 0; gloo's
-teardown used to abort about 1 run in 3 after the work was done (PLATFORM_NOTES), which the launcher
+teardown used to abort about 1 run in 3 after the work was done (docs/platform_notes.md), which the launcher
 reports as a failure. Prints one line per run and a summary; writes `{work}/exit_soak.json`.
 Exit status: 0 when every run exited 0, 1 otherwise. A tool, not a CI test (minutes).
 """

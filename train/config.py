@@ -56,15 +56,9 @@ class DistillConfig:
     lambda_itc: float = 1.0
     weighting: str = "entropy"           # entropy | wsl | none
     directions: str = "i2t,t2i"
-    # Local queries per step and direction that get teacher-ranked negatives (None: all). The
-    # teacher's forward dominates a DCD step on CPU, and mostly through its image stem: t2i
-    # candidates come from the whole pool, so 32 queries touched ~220 distinct images a step.
-    # Measured on 2 CPU ranks x 128 (tools/benchmark.py train): 32 -> 2.48x a contrastive step,
-    # 16 -> 1.96x with the two-layer student. With the one-layer student-tiny (a cheaper contrastive
-    # step, the same teacher) the pipeline measured 16 -> 2.17x and 12 -> 2.08x: 16 x M = 16
-    # candidate images already touch most of a 256-image pool, and the teacher's image stem runs
-    # once per distinct image, so fewer queries barely save time (and 12 lost 9 RSUM). The InfoNCE
-    # term still covers the whole pool either way.
+    # Local queries per step and direction that get teacher-ranked negatives (None: all): the
+    # teacher's forward dominates a DCD step on CPU; the InfoNCE term covers the whole pool either
+    # way. The measurements behind 16: docs/RESULTS.md, "Defaults chosen by measurement".
     distill_queries: Optional[int] = 16
     negatives_from: str = "teacher"      # teacher | random (ablation: KD without teacher ranking)
     # Leave out of the candidate set the proposals the teacher scores within this many logits of
@@ -150,7 +144,7 @@ def missing_default_teacher() -> str:
 
 
 # Per-stage values for fields left at None. Teacher numbers are the FiLM recipe measured in
-# PLATFORM_NOTES; student numbers are the published DCD code's (AdamW, wd 0.01, 10% warm-up).
+# docs/platform_notes.md; student numbers are the published DCD code's (AdamW, wd 0.01, 10% warm-up).
 STAGE_DEFAULTS = {
     # 1,600 steps: the FiLM teacher first passed 85% binding accuracy at ~1,200 (assets/teacher-film).
     "teacher": dict(lr=1e-3, weight_decay=1e-4, warmup_steps=100, schedule="cosine",

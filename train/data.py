@@ -103,7 +103,7 @@ def train_tokenizer(captions, out_dir, vocab_size: int = 8000, min_frequency: in
     """Train a lower-cased WordPiece tokenizer on captions; save it loadable by AutoTokenizer.
 
     Saved as a fast tokenizer object: in transformers 5, BertTokenizer(vocab_file=...) silently
-    maps every token to [UNK] (PLATFORM_NOTES), so it must be loaded with from_pretrained(folder).
+    maps every token to [UNK] (docs/platform_notes.md), so it must be loaded with from_pretrained(folder).
     """
     import shutil
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers

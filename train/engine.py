@@ -71,7 +71,7 @@ def device() -> torch.device:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group: without it gloo aborts ~1 run in 3 at exit (PLATFORM_NOTES)."""
+    """Destroy the process group: without it gloo aborts ~1 run in 3 at exit (docs/platform_notes.md)."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()

@@ -4,7 +4,7 @@ a :class:`~train.distill.gather.Collectives`.
     L = lambda_itc * L_itc + alpha * mean_i(w_i L_kd,i) + (1 - alpha) * mean_i(w_i L_hard,i)
 
 each distillation term averaged over the directions (i2t, t2i). See docs/ARCHITECTURE.md and
-DESIGN.md "The method", steps 2-6.
+docs/method.md, steps 2-6.
 
 Loss scale across ranks (why no term is multiplied by the world size W)
 -------------------------------------------------------------------------
@@ -63,7 +63,7 @@ class DCDConfig:
     distill_queries: None = every local query; N = the FIRST N local queries of each direction.
         First rather than random N: the loader already shuffles, so the first N are a random subset,
         and it needs no generator state (reproducible, nothing to checkpoint). It bounds the
-        teacher's cost, which PLATFORM_NOTES measured as the step's dominant share.
+        teacher's cost, which docs/platform_notes.md records as the step's dominant share.
     negatives_from: "teacher" (DCD) | "random" (ablation: K random of the student's M proposals,
         no teacher ranking) | "random_pool" (K random non-positives from the whole pool).
     false_negative_margin: None = the method as published; X = proposals the teacher scores at

@@ -26,9 +26,9 @@ LAZY_TOWER_MODULES = {"meter": "train.models.meter_student"}
 # presets
 
 TEACHER_PRESETS = {
-    # PLATFORM_NOTES: 91.7% twin accuracy on the synthetic scenes after ~1,000 CPU steps
+    # docs/platform_notes.md: 91.7% twin accuracy on the synthetic scenes after ~1,000 CPU steps
     "film-tiny": {"backend": "film", **FILM_DEFAULTS},
-    # ViLT from scratch on CPU (PLATFORM_NOTES: needs the masked-word loss to learn anything)
+    # ViLT from scratch on CPU (docs/platform_notes.md: needs the masked-word loss to learn anything)
     "vilt-tiny": {"backend": "vilt", "masked_word_head": True,
                   "vilt_config": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                                       intermediate_size=256, image_size=64, patch_size=16,
@@ -43,12 +43,8 @@ TEACHER_PRESETS = {
 }
 
 STUDENT_PRESETS = {
-    # chosen by measurement (1 thread, batch 128, 64 px, ~22-token captions, fwd+bwd+AdamW):
-    # ~0.17 s/step, 727k params with two text layers (603k with one); [32, 64, 96] cost ~0.24 s, a GRU
-    # text tower saved only ~10%.
+    # Sizes chosen by measurement: docs/RESULTS.md, "Defaults chosen by measurement".
     # The 8x8 map is flattened (through a 1x1 conv) so where each colour and shape sits survives.
-    # One text layer, not two (session 3, 400 contrastive steps, test 1,000 x 5,000): RSUM 392.5 vs
-    # 388.2, binding 62.8 vs 63.1, and the 1,000 x 5,000 encode 0.65 s instead of 0.88 s (1 thread).
     "student-tiny": {"embed_dim": 128, "image_size": 64, "max_length": 48,
                      "image_tower": {"kind": "cnn", "modality": "image", "channels": [16, 32, 64, 64],
                                      "strides": [2, 2, 2, 1], "pool": "flatten", "flatten_channels": 16,

@@ -390,7 +390,7 @@ def student_from_hf_vtde(name_or_folder, tokenizer_dir=None):
 
 
 def student_from_vilt_teacher(teacher, embed_dim=256):
-    """Both towers start as the teacher's ViLT transformer (DESIGN.md section 8); the inputs are
+    """Both towers start as the teacher's ViLT transformer (docs/method.md, step 8); the inputs are
     prepared exactly as the teacher prepares them (same tokenizer, image size, normalisation)."""
     vilt = teacher.model.vilt
     towers = []

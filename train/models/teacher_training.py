@@ -4,12 +4,12 @@ Per image, a cross-entropy over [its caption, hard negative captions...]:
   - the twin's caption (the batch row whose image_id is this row's twin_id: same objects, other binding),
   - its own caption with attribute/relation words swapped (colours, nouns, left/right, above/below...),
   - in-batch captions sampled by word overlap with its caption (ALBEF-style hard in-batch sampling),
-  - several random in-batch captions (PLATFORM_NOTES: with one random negative the teacher ranked
+  - several random in-batch captions (docs/platform_notes.md: with one random negative the teacher ranked
     whole galleries poorly).
 Per caption, a cross-entropy over [its image, the twin image, similar and random in-batch images].
 Every scored pair is scored once: random negatives pair row i with row partner(i), which serves as
 image i's caption negative and as caption partner(i)'s image negative at the same time.
-Optionally a masked-word loss (PLATFORM_NOTES: the one change that helped a tiny ViLT from scratch).
+Optionally a masked-word loss (docs/platform_notes.md: the one change that helped a tiny ViLT from scratch).
 
 `teacher` may be the model or a DeepSpeed engine wrapping it: compute goes through teacher(...)
 (so ZeRO hooks run); tokenizer and preprocessing are read from the unwrapped module.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 @dataclass
 class TeacherTrainingConfig:
-    # the recipe measured in PLATFORM_NOTES for the FiLM teacher (32 twin groups = 64 images a step)
+    # the recipe measured (docs/platform_notes.md) for the FiLM teacher (32 twin groups = 64 images a step)
     lr: float = 1e-3
     warmup_steps: int = 100
     schedule: str = "cosine"          # cosine decay to 0 after warm-up, or "constant"
