@@ -332,6 +332,7 @@ CHECKPOINT_SCRIPT = r'''
 import json, os, sys, pickle
 from pathlib import Path
 import torch
+from train import comm
 from train import engine as E
 from train.config import ConfigError
 
@@ -407,7 +408,7 @@ result["code_ran_under_weights_only"] = marker.exists()
 torch.load(model_file, map_location="cpu", weights_only=False)  # proof the payload is live
 result["code_runs_when_unpickled"] = marker.exists()
 print("RESULT " + json.dumps(result), flush=True)
-E.shutdown_distributed()  # gloo aborts at exit now and then without it (docs/platform_notes.md)
+comm.shutdown()  # gloo aborts at exit now and then without it (docs/platform_notes.md)
 '''
 
 

@@ -188,10 +188,10 @@ def test_multinode_command_line(monkeypatch, tmp_path):
 
 def test_train_run_splits_data_by_global_rank():
     """The loader's rank is the process group's (global) rank, never LOCAL_RANK."""
-    source = (REPO / "train" / "engine.py").read_text()
+    source = (REPO / "train" / "comm.py").read_text()
     assert "return dist.get_rank(), dist.get_world_size()" in source
     run = (REPO / "train" / "run.py").read_text()
-    assert "rank, world = ds_engine.init_distributed()" in run
+    assert "rank, world = comm.init()" in run
     assert "rank=rank, world_size=world" in run
 
 

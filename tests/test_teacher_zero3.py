@@ -17,9 +17,10 @@ def _worker(rank, world_size, port, tokenizer_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    from train import comm
     from train import engine as ds_engine
     from train.models.presets import build_teacher
-    ds_engine.init_distributed()
+    comm.init()
     try:
         torch.manual_seed(0)
         teacher = build_teacher("film-tiny", tokenizer_dir).eval()

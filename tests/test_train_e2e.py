@@ -156,7 +156,7 @@ def test_kill_minus_nine_then_resume_at_the_same_step(shards, teacher, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     # A killed rank leaves nothing in shared memory: DeepSpeed's CPU shm all-reduce (skipped by
-    # train.engine.import_deepspeed) left 69 MB per rank in /dev/shm after every killed run, 22 GB
+    # train.comm.import_deepspeed) left 69 MB per rank in /dev/shm after every killed run, 22 GB
     # after a day of runs here, and then the OOM killer took the next training run.
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     saved_tag = latest.read_text().strip()

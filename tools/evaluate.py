@@ -29,6 +29,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from train import comm
+from train.engine import device as accelerator_device
 from train.evaluation import (EvalSplit, embed_split, ranked_top, read_eval_split, read_manifest,
                               rerank, student_scores, teacher_all_pairs, teacher_binding_scores)
 from train.metrics import (binding_accuracy, binding_accuracy_from_scores, format_table,
@@ -77,33 +79,9 @@ def fail(message: str) -> int:
 
 def setup_distributed():
     """(rank, world_size, device). With WORLD_SIZE > 1 (torchrun, deepspeed) the process group is
-    initialised from the environment with the accelerator's backend (gloo on CPU, nccl on CUDA)."""
-    import torch.distributed as dist
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    try:
-        from deepspeed.accelerator import get_accelerator
-        accelerator = get_accelerator()
-    except ImportError:  # DeepSpeed is in requirements.txt; this keeps the tool usable without it
-        accelerator = None
-    if accelerator is None or accelerator.device_name() == "cpu":
-        device, backend = torch.device("cpu"), "gloo"
-    else:
-        accelerator.set_device(local_rank)
-        device, backend = torch.device(accelerator.device_name(local_rank)), \
-            accelerator.communication_backend_name()
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world_size, device
-
-
-def teardown_distributed():
-    """docs/platform_notes.md: gloo aborts at exit about 1 run in 3 unless the group is destroyed."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    started from the environment with the accelerator's backend (gloo on CPU, nccl on CUDA)."""
+    rank, world_size = comm.init(bounded_timeout=False)
+    return rank, world_size, accelerator_device()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +278,7 @@ def main(argv=None) -> int:
         print(json.dumps(result), flush=True)
         return 0
     finally:
-        teardown_distributed()
+        comm.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,68 +14,21 @@ from pathlib import Path
 
 import torch
 
-from train import failure
+from train import comm, failure
 from train.config import ConfigError, read_json_object
 
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-# ----------------------------------------------------------------------------- distributed
-
-def import_deepspeed():
-    """Import DeepSpeed with its CPU shared-memory all-reduce op marked unavailable.
-
-    On a CPU accelerator DeepSpeed JIT-compiles that op (g++, 30-40 s) the first time any process
-    group starts on a fresh machine. It serves only `inference_all_reduce` (DeepSpeed-Inference
-    tensor parallelism), which neither training nor evaluation calls. In CI the compile stalled past
-    a test's 10-minute limit, and the killed build left every later launch failing on a missing .so;
-    and every run killed mid-way left the op's 69 MB per rank in /dev/shm (22 GB on this machine
-    after a day of runs, then the OOM killer). So DeepSpeed stays on its plain gloo/NCCL collectives
-    here. CUDA builds have no such op.
-    """
-    import deepspeed
-    import deepspeed.ops
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
-
-
-def accelerator():
-    from deepspeed.accelerator import get_accelerator
-    return get_accelerator()
-
-
-def init_distributed() -> tuple[int, int]:
-    """Start the process group when launched with several ranks; returns (rank, world_size).
-
-    Collectives time out after failure.collective_timeout (120 s on gloo, DeepSpeed's default on
-    NCCL; DCD_COLLECTIVE_TIMEOUT_S sets it): a peer that is alive but never joins fails the job then.
-    """
-    deepspeed = import_deepspeed()
-    import torch.distributed as dist
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = accelerator().communication_backend_name()
-        timeout = failure.collective_timeout(backend)
-        deepspeed.init_distributed(dist_backend=backend, **({"timeout": timeout} if timeout else {}))
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
+# ----------------------------------------------------------------------------- device
 
 def device() -> torch.device:
-    acc = accelerator()
+    acc = comm.accelerator()
     if acc.device_name() == "cpu":
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     acc.set_device(local_rank)
     return torch.device(acc.device_name(local_rank))
-
-
-def shutdown_distributed() -> None:
-    """Destroy the process group: without it gloo aborts ~1 run in 3 at exit (docs/platform_notes.md)."""
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- ds configs
@@ -183,7 +136,7 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str)
 
 def build_student_engine(model, ds: dict, lr: float, weight_decay: float, warmup_steps: int,
                          total_steps: int, schedule: str):
-    deepspeed = import_deepspeed()
+    deepspeed = comm.import_deepspeed()
     optimizer = build_optimizer(model, lr, weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, schedule))
@@ -194,12 +147,16 @@ def build_student_engine(model, ds: dict, lr: float, weight_decay: float, warmup
 
 def build_teacher_engine(teacher, student_ds: dict, stage: int):
     """Wrap the frozen teacher as an inference-only DeepSpeed engine (no optimizer)."""
-    deepspeed = import_deepspeed()
+    deepspeed = comm.import_deepspeed()
     teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
     engine, _, _, _ = deepspeed.initialize(model=teacher, config=teacher_ds_config(student_ds, stage))
     engine.eval()
+    if hasattr(teacher, "agree_slice_count"):
+        # partitioned parameters are gathered at every submodule call: the ranks' slice counts must
+        # agree (train/models/film.py), and the model leaves talking to other ranks to this layer
+        teacher.agree_slice_count = comm.max_over_ranks
     return engine
 
 
@@ -236,7 +193,6 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
     every rank finishes (its closing barrier), and rank 0 switches the pointer atomically. Older
     checkpoints beyond `keep` are removed after the switch, never before.
     """
-    import torch.distributed as dist
     ckpt_dir = Path(ckpt_dir)
     tag = f"step{step}"
     if latest_tag(ckpt_dir) == tag:
@@ -245,12 +201,10 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
         return tag
     if engine.global_rank == 0 and (ckpt_dir / tag).exists():
         shutil.rmtree(ckpt_dir / tag)  # what a save that crashed at this step left behind
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     failure.fault_point("save")  # tests: a save that fails after its files, before `latest` moves
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     if engine.global_rank == 0:
         _write_atomic(ckpt_dir / LATEST, tag)
         tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()),
@@ -258,8 +212,7 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state
         for old in tags[:-keep] if keep > 0 else []:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     return tag
 
 
@@ -344,7 +297,6 @@ def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike, rank:
     good one was.
     """
     import deepspeed
-    import torch.distributed as dist
     out_dir = Path(out_dir)
     params = list(module.parameters())
     partitioned = any(hasattr(p, "ds_id") for p in params)
@@ -362,6 +314,5 @@ def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike, rank:
                 os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
     return out_dir

@@ -23,6 +23,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from train import comm
+from train.comm import gather_blocks
 from train.metrics import RECALL_KS, retrieval_metrics_from_ranked
 
 # ----------------------------------------------------------------------------------------------
@@ -287,35 +289,11 @@ def student_scores(embeddings: SplitEmbeddings) -> torch.Tensor:
 # Distribution helpers
 
 
-def distributed_context(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
-    """Explicit rank/world size, else torch.distributed's when initialised, else (0, 1)."""
-    import torch.distributed as dist
-    if rank is not None and world_size is not None:
-        return rank, world_size
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def block_of_rank(count: int, rank: int, world_size: int) -> Tuple[int, int]:
     """[start, end) of this rank's contiguous block; every block but the last has ceil(count/world)."""
     per_rank = -(-count // world_size)
     start = min(rank * per_rank, count)
     return start, min(start + per_rank, count)
-
-
-def gather_blocks(local: torch.Tensor, total: int, world_size: int) -> torch.Tensor:
-    """Concatenate every rank's block (along dim 0) on every rank; blocks are padded to equal size
-    for all_gather and the padding is dropped."""
-    if world_size == 1:
-        return local
-    import torch.distributed as dist
-    per_rank = -(-total // world_size)
-    padded = local.new_full((per_rank,) + tuple(local.shape[1:]), float("nan"))
-    padded[:local.shape[0]] = local
-    pieces = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(pieces, padded)
-    return torch.cat(pieces)[:total]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +348,7 @@ def teacher_all_pairs(teacher, split: EvalSplit, images_per_chunk: int = 4,
     the rank's block and each caption once for the whole gallery, and only the per-pair part runs
     per grid.
     """
-    rank, world_size = distributed_context(rank, world_size)
+    rank, world_size = comm.context(rank, world_size)
     device = _device_of(teacher)
     start, end = block_of_rank(split.num_images, rank, world_size)
     order = _by_length(split.captions)
@@ -428,7 +406,7 @@ def teacher_pair_scores(teacher, split: EvalSplit, image_index: torch.Tensor,
     images and captions per call (256 pairs per call ran ~30% faster than 1,024 and twice as fast
     as 4,096 on CPU for the FiLM teacher before it had the cached path).
     """
-    rank, world_size = distributed_context(rank, world_size)
+    rank, world_size = comm.context(rank, world_size)
     device = _device_of(teacher)
     image_index = torch.as_tensor(image_index, dtype=torch.long).flatten()
     caption_index = torch.as_tensor(caption_index, dtype=torch.long).flatten()

@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # `python train/run.py` and the deepspeed launche
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.distributed as dist
 
 # torch 2.13 marks all_gather_into_tensor / reduce_scatter_tensor (called by DeepSpeed) and the
 # autograd all_gather of torch.distributed.nn (whose replacement is private) deprecated: one warning
@@ -35,8 +34,8 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
+from train import comm, failure
 from train import engine as ds_engine
-from train import failure
 from train.config import ConfigError, RunConfig, parse_config
 from train.data import SKIP_REASONS, DataError, load_tokenizer, make_train_loader
 from train.monitor import Monitor, StepTimer
@@ -84,9 +83,7 @@ class StopRequest:
         if not self.requested and self.launcher_gone():
             failure.STATE.stop_requested, failure.STATE.stop_reason = True, "launcher gone"
         flag = torch.tensor([1.0 if self.requested else 0.0], device=dev)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return bool(comm.all_reduce_max(flag).item() > 0)
 
 
 def _deepspeed_runner_pid(parent: int) -> int | None:
@@ -105,9 +102,7 @@ def _deepspeed_runner_pid(parent: int) -> int | None:
 def all_finite(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every rank: all ranks must skip a bad step together."""
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0
+    return comm.all_reduce_max(bad).item() == 0
 
 
 def main(argv=None) -> int:
@@ -115,7 +110,7 @@ def main(argv=None) -> int:
     cfg: RunConfig = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     t = cfg.train
     failure.set_run(t.out)
-    rank, world = ds_engine.init_distributed()
+    rank, world = comm.init()
     dev = ds_engine.device()
     torch.manual_seed(t.seed + rank)
 
@@ -151,7 +146,7 @@ def main(argv=None) -> int:
         start_batch=data_batches, twins_in_batch=cfg.data.twins_in_batch)
     monitor = Monitor(out / "tb", enabled=rank == 0)
     monitor.text(step, "config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
-    timer = StepTimer(ds_engine.accelerator().synchronize)
+    timer = StepTimer(comm.accelerator().synchronize)
     stop = StopRequest()
     batches = iter(loader)
     samples_since, clock = 0, time.perf_counter()
@@ -246,9 +241,7 @@ def loader_skip_counts(loader, dev) -> dict:
     reasons = list(SKIP_REASONS) + ["other"]
     local = [float(loader.skipped.get(r, 0)) for r in SKIP_REASONS]
     local.append(float(sum(n for r, n in loader.skipped.items() if r not in SKIP_REASONS)))
-    totals = torch.tensor(local, dtype=torch.float64, device=dev)
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = comm.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=dev))
     counts = {f"data/skipped_{r}": n for r, n in zip(reasons, totals.tolist()) if n > 0}
     counts["data/skipped"] = float(totals.sum().item())
     return counts
@@ -279,7 +272,7 @@ def finish(monitor: Monitor, code: int) -> int:
     failure.leave_training_loop()
     monitor.close()
     failure.fault_point("teardown")
-    ds_engine.shutdown_distributed()
+    comm.shutdown()
     return code
 
 

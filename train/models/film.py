@@ -218,14 +218,17 @@ class FilmCrossEncoder(CrossEncoder):
         often: the slice count then comes from the largest pair count over the ranks."""
         return any(hasattr(p, "ds_id") for p in self.stem.parameters())
 
+    # (count, device) -> the count every rank uses: set by whoever partitions this teacher over ranks
+    # (train/engine.py's build_teacher_engine sets train.comm.max_over_ranks); the model itself never
+    # talks to other ranks.
+    agree_slice_count = None
+
     def _slice_count(self, num_pairs: int, device) -> int:
         count = -(-num_pairs // self.pairs_per_slice)
-        if self.zero3_partitioned():
+        if self.zero3_partitioned() and self.agree_slice_count is not None:
             # Ranks score different pair counts (DCD de-duplicates per rank); the MAX makes every
             # rank run the same number of slices, so the blocks' parameter gathers stay matched.
-            count_tensor = torch.tensor([count], device=device)
-            torch.distributed.all_reduce(count_tensor, op=torch.distributed.ReduceOp.MAX)
-            count = int(count_tensor.item())
+            count = self.agree_slice_count(count, device)
         return max(count, 1)
 
     def _fused_features(self, image_features, film_params, image_index, text_index, first_pre=None):
