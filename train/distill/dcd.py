@@ -213,55 +213,113 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
     """
     before = dict(comm.bytes_moved)
     pool = _contrastive_pool(image_emb_local, text_emb_local, logit_scale, image_ids_local, comm)
-    B, G = pool.positive_mask.shape
-    device = image_emb_local.device
-    M, K = cfg.candidates, cfg.hard_negatives
-
-    n_queries = B if cfg.distill_queries is None else min(cfg.distill_queries, B)
-    query = torch.arange(n_queries, device=device)
-    own = pool.offset + query  # pool position of each query's own pair (its positive)
-    query_positive_mask = pool.positive_mask[:n_queries]
-
-    # Step 4a: the student proposes (without gradient), or the ablations draw at random.
-    proposals: Dict[str, torch.Tensor] = {}
-    scored: Dict[str, torch.Tensor] = {}  # [n, S] pool indices the teacher scores per query
-    for d in cfg.directions:
-        if cfg.negatives_from == "random_pool":
-            scored[d] = random_pool_candidates(query_positive_mask, K, generator)
-            continue
-        proposals[d] = student_proposals(pool.logits[d][:n_queries].detach(), query_positive_mask, M)
-        scored[d] = (proposals[d] if cfg.negatives_from == "teacher"
-                     else random_candidates(proposals[d], K, generator))
-
-    logs: Dict = {"pool_size": G}
+    queries = _distilled_queries(pool, cfg, image_emb_local.device)
+    proposals, scored = _propose(pool, queries, cfg, generator)
     if not cfg.directions:
         loss = cfg.lambda_itc * pool.loss_itc
-        logs.update(loss=loss.detach(), loss_itc=pool.loss_itc.detach(),
-                    bytes_moved=sum(_bytes_since(comm, before).values()), bytes_moved_candidates=0)
-        return loss, logs
+        return loss, dict(pool_size=pool.positive_mask.shape[1], loss=loss.detach(),
+                          loss_itc=pool.loss_itc.detach(), **_traffic(comm, before))
+    inputs = _fetch_teacher_inputs(scored, queries.own, pool.offset, raw_images_local, raw_texts_local,
+                                   comm, cfg)
+    teacher = _score_with_teacher(scored, queries, inputs, teacher_score, cfg.directions,
+                                  image_emb_local.device)
+    per_direction, false_negative_fraction = _candidate_sets(pool, queries, scored, teacher, cfg)
+    loss_kd, loss_hard, weights = _weighted_terms(per_direction, queries.n, comm)
+    mean_kd = torch.stack(list(loss_kd.values())).mean()
+    mean_hard = torch.stack(list(loss_hard.values())).mean()
+    loss = cfg.lambda_itc * pool.loss_itc + distill_weight * (cfg.alpha * mean_kd + (1.0 - cfg.alpha) * mean_hard)
+    logs = _dcd_logs(per_direction, proposals, false_negative_fraction, cfg)
+    logs.update(pool_size=pool.positive_mask.shape[1], loss=loss.detach(), loss_itc=pool.loss_itc.detach(),
+                loss_kd=mean_kd.detach(), loss_hard=mean_hard.detach(), weight_mean=weights.mean(),
+                weight_std=weights.std(unbiased=False), weights=weights, teacher_pairs=teacher.unique_pairs,
+                **_traffic(comm, before))
+    for d in cfg.directions:
+        logs[f"loss_kd_{d}"], logs[f"loss_hard_{d}"] = loss_kd[d].detach(), loss_hard[d].detach()
+    return loss, logs
 
-    # Step 4b: the raw inputs the teacher needs, as sorted unique pool positions: the queries' own
-    # images and captions (query and positive), the i2t candidate captions, the t2i candidate images.
-    # Branches depend on cfg only, so every rank runs the same collectives.
+
+def _traffic(comm: Collectives, before: Mapping[str, int]) -> Dict[str, int]:
+    """Bytes this rank received during the step: all of them, and the candidates' raw inputs."""
+    moved = _bytes_since(comm, before)
+    return dict(bytes_moved=sum(moved.values()),
+                bytes_moved_candidates=sum(v for k, v in moved.items() if k.startswith("candidates")))
+
+
+# ----------------------------------------------------------------------------------------------
+# dcd_loss's steps (the numbers of docs/method.md)
+
+class _Queries(NamedTuple):
+    n: int                        # distilled queries per direction on this rank (the first n)
+    index: torch.Tensor           # [n] their local rows
+    own: torch.Tensor             # [n] pool position of each query's own pair (its positive)
+    positive_mask: torch.Tensor   # [n, G] bool
+
+
+def _distilled_queries(pool: _Pool, cfg: DCDConfig, device) -> _Queries:
+    B = pool.positive_mask.shape[0]
+    n_queries = B if cfg.distill_queries is None else min(cfg.distill_queries, B)
+    query = torch.arange(n_queries, device=device)
+    return _Queries(n_queries, query, pool.offset + query, pool.positive_mask[:n_queries])
+
+
+def _propose(pool: _Pool, queries: _Queries, cfg: DCDConfig, generator):
+    """Step 4a: the student proposes (without gradient), or the ablations draw at random.
+    Returns (proposals {dir: [n, M]} sorted by student similarity, scored {dir: [n, S]} pool indices
+    the teacher scores per query)."""
+    proposals: Dict[str, torch.Tensor] = {}
+    scored: Dict[str, torch.Tensor] = {}
+    for d in cfg.directions:
+        if cfg.negatives_from == "random_pool":
+            scored[d] = random_pool_candidates(queries.positive_mask, cfg.hard_negatives, generator)
+            continue
+        proposals[d] = student_proposals(pool.logits[d][:queries.n].detach(), queries.positive_mask,
+                                         cfg.candidates)
+        scored[d] = (proposals[d] if cfg.negatives_from == "teacher"
+                     else random_candidates(proposals[d], cfg.hard_negatives, generator))
+    return proposals, scored
+
+
+class _TeacherInputs(NamedTuple):
+    image_needed: torch.Tensor          # sorted unique pool positions of the images the teacher sees
+    text_needed: torch.Tensor           # the same for captions
+    images: torch.Tensor                # their raw pixels, in that order
+    texts: Dict[str, torch.Tensor]      # their token tensors, in that order
+
+
+def _fetch_teacher_inputs(scored, own, offset, raw_images_local, raw_texts_local, comm, cfg) -> _TeacherInputs:
+    """Step 4b: the raw inputs the teacher needs, as sorted unique pool positions: the queries' own
+    images and captions (query and positive), the i2t candidate captions, the t2i candidate images.
+    Branches depend on cfg only, so every rank runs the same collectives."""
     image_needed = torch.unique(torch.cat([own] + ([scored["t2i"].flatten()] if "t2i" in scored else [])))
     text_needed = torch.unique(torch.cat([own] + ([scored["i2t"].flatten()] if "i2t" in scored else [])))
     if "t2i" in scored:
         images = fetch_pool_rows({"pixels": raw_images_local}, image_needed, comm,
                                  cfg.candidate_transport, tag="candidates.images")["pixels"]
     else:  # only this rank's own images are needed
-        images = raw_images_local[(image_needed - pool.offset).to(raw_images_local.device)]
+        images = raw_images_local[(image_needed - offset).to(raw_images_local.device)]
     if "i2t" in scored:
         padded_texts = pad_to_common_length(raw_texts_local, comm, tag="candidates.text_lengths")
         texts = fetch_pool_rows(padded_texts, text_needed, comm, cfg.candidate_transport,
                                 tag="candidates.texts")
     else:
-        texts = {k: v[(text_needed - pool.offset).to(v.device)] for k, v in raw_texts_local.items()}
+        texts = {k: v[(text_needed - offset).to(v.device)] for k, v in raw_texts_local.items()}
+    return _TeacherInputs(image_needed, text_needed, images, texts)
 
-    # Step 4c: one teacher call over unique (image, caption) pairs: the positives first (shared by
-    # both directions), then (query image, candidate caption) and (candidate image, query caption).
+
+class _TeacherScores(NamedTuple):
+    pair_logits: torch.Tensor     # [n + sum_d n * S_d]: the positives, then each direction's pairs
+    spans: Dict[str, Tuple[int, int]]   # direction -> (first row in pair_logits, S_d)
+    unique_pairs: int             # pairs the teacher actually scored
+
+
+def _score_with_teacher(scored, queries: _Queries, inputs: _TeacherInputs, teacher_score,
+                        directions, device) -> _TeacherScores:
+    """Step 4c: one teacher call over unique (image, caption) pairs: the positives first (shared by
+    both directions), then (query image, candidate caption) and (candidate image, query caption)."""
+    own, n_queries = queries.own, queries.n
     pair_images, pair_texts, spans = [own], [own], {}
     start = n_queries
-    for d in cfg.directions:
+    for d in directions:
         n_scored = scored[d].shape[1]
         repeated_own = own.view(-1, 1).expand(-1, n_scored)
         images_d, texts_d = (repeated_own, scored[d]) if d == "i2t" else (scored[d], repeated_own)
@@ -269,24 +327,29 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         pair_texts.append(texts_d.flatten())
         spans[d] = (start, n_scored)
         start += n_queries * n_scored
-    image_rows = torch.searchsorted(image_needed, torch.cat(pair_images))
-    text_rows = torch.searchsorted(text_needed, torch.cat(pair_texts))
-    pair_key = image_rows * text_needed.shape[0] + text_rows
-    unique_pairs, pair_of = torch.unique(pair_key, return_inverse=True)
+    n_texts = inputs.text_needed.shape[0]
+    image_rows = torch.searchsorted(inputs.image_needed, torch.cat(pair_images))
+    text_rows = torch.searchsorted(inputs.text_needed, torch.cat(pair_texts))
+    unique_pairs, pair_of = torch.unique(image_rows * n_texts + text_rows, return_inverse=True)
     with torch.no_grad():
-        unique_scores = teacher_score(images, texts, unique_pairs // text_needed.shape[0],
-                                      unique_pairs % text_needed.shape[0])
+        unique_scores = teacher_score(inputs.images, inputs.texts, unique_pairs // n_texts,
+                                      unique_pairs % n_texts)
     unique_scores = unique_scores.detach()
     if unique_scores.dtype != torch.float64:  # half-precision teachers: losses run in float32
         unique_scores = unique_scores.float()
-    teacher_pair_logits = unique_scores.to(device)[pair_of.to(device)]
-    teacher_positive = teacher_pair_logits[:n_queries]
+    return _TeacherScores(unique_scores.to(device)[pair_of.to(device)], spans, int(unique_pairs.shape[0]))
 
-    # Step 5: candidate sets, positive at column 0 for teacher and student alike.
+
+def _candidate_sets(pool: _Pool, queries: _Queries, scored, teacher: _TeacherScores, cfg: DCDConfig):
+    """Step 5: candidate sets, positive at column 0 for teacher and student alike, and their
+    per-query terms. Returns ({dir: student_set, teacher_set, negative_index, raw_weights, kd, hard},
+    [fraction of proposals dropped as likely false negatives, per direction])."""
+    n_queries, own, K = queries.n, queries.own, cfg.hard_negatives
+    teacher_positive = teacher.pair_logits[:n_queries]
     per_direction, false_negative_fraction = {}, []
     for d in cfg.directions:
-        start, n_scored = spans[d]
-        teacher_scored = teacher_pair_logits[start:start + n_queries * n_scored].view(n_queries, n_scored)
+        start, n_scored = teacher.spans[d]
+        teacher_scored = teacher.pair_logits[start:start + n_queries * n_scored].view(n_queries, n_scored)
         valid = None
         if cfg.negatives_from != "teacher":
             negative_index, teacher_negatives = scored[d], teacher_scored
@@ -299,16 +362,19 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
                 teacher_scored.masked_fill(dropped, float("-inf")), scored[d], K)
             valid = torch.isfinite(teacher_negatives)
         student_rows = pool.logits[d][:n_queries]  # with gradient
-        student_set = candidate_set_logits(student_rows[query, own], student_rows.gather(1, negative_index),
-                                           valid)
+        student_set = candidate_set_logits(student_rows[queries.index, own],
+                                           student_rows.gather(1, negative_index), valid)
         teacher_set = candidate_set_logits(teacher_positive, teacher_negatives, valid)
         kd, hard = distillation_terms(student_set, teacher_set, cfg)
         per_direction[d] = dict(
             student_set=student_set, teacher_set=teacher_set, negative_index=negative_index,
             raw_weights=dynamic_weights(teacher_set, student_set, cfg.weighting), kd=kd, hard=hard)
+    return per_direction, false_negative_fraction
 
-    # Step 6: weights normalised to mean 1 per direction over the GLOBAL batch: one all-reduce of
-    # [sum_d, count_d] for every direction.
+
+def _weighted_terms(per_direction, n_queries: int, comm: Collectives):
+    """Step 6: weights normalised to mean 1 per direction over the GLOBAL batch (one all-reduce of
+    [sum_d, count_d] for every direction); returns ({dir: KD}, {dir: hard}, weights [n x dirs])."""
     local_stats = torch.stack([torch.stack([p["raw_weights"].sum(), p["raw_weights"].new_tensor(float(n_queries))])
                                for p in per_direction.values()])
     global_stats = comm.all_reduce_sum(local_stats, tag="weights")
@@ -319,12 +385,12 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         loss_kd[d] = (w * p["kd"]).sum() * scale
         loss_hard[d] = (w * p["hard"]).sum() * scale
         weights.append(w)
-    mean_kd = torch.stack(list(loss_kd.values())).mean()
-    mean_hard = torch.stack(list(loss_hard.values())).mean()
-    loss = cfg.lambda_itc * pool.loss_itc + distill_weight * (cfg.alpha * mean_kd + (1.0 - cfg.alpha) * mean_hard)
+    return loss_kd, loss_hard, torch.cat(weights)
 
-    # Logs.
-    weights = torch.cat(weights)
+
+def _dcd_logs(per_direction, proposals, false_negative_fraction, cfg: DCDConfig) -> Dict:
+    """What the teacher's candidate sets say: its margin and accuracy, its agreement with the student."""
+    logs: Dict = {}
     teacher_sets = torch.cat([p["teacher_set"] for p in per_direction.values()])
     if false_negative_fraction:
         logs["false_negatives_dropped"] = torch.stack(false_negative_fraction).mean()
@@ -340,14 +406,4 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
         agree = [(p["negative_index"].unsqueeze(2) == proposals[d][:, :p["negative_index"].shape[1]].unsqueeze(1))
                  .any(dim=2).float() for d, p in per_direction.items()]
         logs["teacher_student_agreement"] = torch.cat(agree).mean()
-    moved = _bytes_since(comm, before)
-    logs.update(
-        loss=loss.detach(), loss_itc=pool.loss_itc.detach(), loss_kd=mean_kd.detach(),
-        loss_hard=mean_hard.detach(), weight_mean=weights.mean(), weight_std=weights.std(unbiased=False),
-        weights=weights, teacher_pairs=int(unique_pairs.shape[0]),
-        bytes_moved=sum(moved.values()),
-        bytes_moved_candidates=sum(v for k, v in moved.items() if k.startswith("candidates")))
-    for d in cfg.directions:
-        logs[f"loss_kd_{d}"] = loss_kd[d].detach()
-        logs[f"loss_hard_{d}"] = loss_hard[d].detach()
-    return loss, logs
+    return logs
