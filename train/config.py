@@ -16,7 +16,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, get_args, get_origin, get_type_hints
 
+from train.distill.dcd import DIRECTIONS, DCDConfig
+from train.distill.losses import KD_KINDS, OBJECTIVES, WEIGHTING_SCHEMES
 from train.failure import ReportedError
+from train.models.teacher_training import TeacherTrainingConfig
 
 STAGES = ("distill", "student", "teacher")
 
@@ -75,22 +78,21 @@ class DistillConfig:
     objective: str = "published"
     positive_margin: float = 0.0         # the denoised objective's margin, in teacher logits
 
+    def dcd_config(self) -> DCDConfig:
+        """The DCD objective's config: every field the two share, by name, with the directions
+        parsed; the fields only a run has (distill_warmup_steps) stay here."""
+        shared = {f.name for f in fields(DCDConfig)} & {f.name for f in fields(self)}
+        values = {name: getattr(self, name) for name in shared}
+        values["directions"] = parse_directions(self.directions)
+        return DCDConfig(**values)
 
-@dataclass
-class TeacherLossConfig:
-    """The matching loss of `--stage teacher` (train/models/teacher_training.py has the measured
-    trade-offs); the defaults are the recipe that trained assets/teacher-film."""
-    # 3 random + 1 similar: the recipe of assets/teacher-film on the specific captions (issue 13: a
-    # teacher meant to rank whole galleries needs more than one random negative per image)
-    random_negatives: int = 3            # random in-batch captions (and images) per image
-    similar_negatives: int = 1           # in-batch captions sampled by similarity (ALBEF-style)
-    # A saved student whose image-caption cosine picks the similar negatives instead of word
-    # overlap: trains the teacher on the kind of candidates DCD will ask it to rank.
-    negatives_student: Optional[str] = None
-    similarity_temperature: float = 0.1  # sampling temperature over the similarities
-    perturbed_negative: bool = True      # the own caption with colours / nouns / relations swapped
-    caption_loss_weight: float = 1.0     # weight of the caption -> image cross-entropy
-    mlm_weight: float = 0.0              # masked-word auxiliary loss (ViLT from scratch needs it)
+
+def parse_directions(text: str) -> tuple:
+    """`"i2t,t2i"` -> ("i2t", "t2i"); a ConfigError naming the field when empty or unknown."""
+    directions = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not directions or any(x not in DIRECTIONS for x in directions) or len(set(directions)) < len(directions):
+        raise ConfigError(f"distill.directions: '{text}' (use i2t, t2i or i2t,t2i)")
+    return directions
 
 
 @dataclass
@@ -119,7 +121,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    teacher_loss: TeacherLossConfig = field(default_factory=TeacherLossConfig)
+    teacher_loss: TeacherTrainingConfig = field(default_factory=TeacherTrainingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -260,21 +262,14 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         raise ConfigError(f"model.teacher_zero: {m.teacher_zero} (use 0 or 3)")
     if t.schedule not in ("cosine", "linear"):
         raise ConfigError(f"train.schedule: '{t.schedule}' (use cosine or linear)")
-    if dist.weighting not in ("entropy", "wsl", "none"):
-        raise ConfigError(f"distill.weighting: '{dist.weighting}' (use entropy, wsl or none)")
-    if dist.kd_loss not in ("kl", "mse"):
-        raise ConfigError(f"distill.kd_loss: '{dist.kd_loss}' (use kl or mse)")
-    if dist.objective not in ("published", "listwise", "denoised", "margin"):
-        raise ConfigError(f"distill.objective: '{dist.objective}' (use published, listwise, denoised "
-                          f"or margin)")
-    if dist.negatives_from not in ("teacher", "random"):
-        raise ConfigError(f"distill.negatives_from: '{dist.negatives_from}' (use teacher or random)")
+    for name, choices in (("weighting", WEIGHTING_SCHEMES), ("kd_loss", KD_KINDS), ("objective", OBJECTIVES),
+                          ("negatives_from", ("teacher", "random"))):
+        if getattr(dist, name) not in choices:
+            raise ConfigError(f"distill.{name}: '{getattr(dist, name)}' (use {_one_of(choices)})")
     if dist.false_negative_margin is not None and dist.negatives_from != "teacher":
         raise ConfigError("distill.false_negative_margin needs negatives_from teacher (the teacher "
                           "decides what is a likely false negative)")
-    directions = [x.strip() for x in dist.directions.split(",") if x.strip()]
-    if not directions or any(x not in ("i2t", "t2i") for x in directions):
-        raise ConfigError(f"distill.directions: '{dist.directions}' (use i2t, t2i or i2t,t2i)")
+    parse_directions(dist.directions)
     tl = cfg.teacher_loss
     if tl.negatives_student is not None and not Path(tl.negatives_student).is_dir():
         raise ConfigError(f"teacher_loss.negatives_student: {tl.negatives_student} is not a saved "
@@ -291,6 +286,10 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         if getattr(t, name) is not None and getattr(t, name) <= 0:
             raise ConfigError(f"train.{name}: must be positive, got {getattr(t, name)}")
     return cfg
+
+
+def _one_of(choices) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def read_json_object(path: str | os.PathLike, what: str = "config file") -> dict:

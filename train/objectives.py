@@ -15,12 +15,12 @@ import torch
 from train import engine as ds_engine
 from train import failure
 from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher
-from train.distill.dcd import DCDConfig, contrastive_loss, dcd_loss
+from train.distill.dcd import contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
 from train.evaluation import embed_images, embed_texts, read_eval_split, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
 from train.models.presets import build_student, build_teacher, load_student
-from train.models.teacher_training import TeacherTrainingConfig, teacher_matching_loss
+from train.models.teacher_training import teacher_matching_loss
 
 
 def _to(batch: dict, dev) -> dict:
@@ -102,14 +102,7 @@ class DistillObjective(StudentObjective):
         super().__init__(cfg, ds, dev, rank, world, teacher=teacher)
         self.teacher = teacher
         self.teacher_engine = ds_engine.build_teacher_engine(teacher, ds, cfg.model.teacher_zero)
-        d = cfg.distill
-        self.dcd = DCDConfig(
-            candidates=d.candidates, hard_negatives=d.hard_negatives, alpha=d.alpha,
-            kd_temperature=d.kd_temperature, kd_loss=d.kd_loss, lambda_itc=d.lambda_itc,
-            weighting=d.weighting, directions=tuple(x.strip() for x in d.directions.split(",")),
-            distill_queries=d.distill_queries, negatives_from=d.negatives_from,
-            false_negative_margin=d.false_negative_margin, objective=d.objective,
-            positive_margin=d.positive_margin)
+        self.dcd = cfg.distill.dcd_config()
         self.teacher_params_local = ds_engine.local_parameter_elements(teacher)
         self.teacher_params_total = ds_engine.total_parameter_elements(teacher)
 
@@ -151,14 +144,11 @@ class TeacherObjective:
         self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
         self.engine = ds_engine.build_student_engine(
             self.model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
-        tl = cfg.teacher_loss
-        self.loss_cfg = TeacherTrainingConfig(
-            random_negatives=tl.random_negatives, similar_negatives=tl.similar_negatives,
-            perturbed_negative=tl.perturbed_negative, caption_loss_weight=tl.caption_loss_weight,
-            mlm_weight=tl.mlm_weight, similarity_temperature=tl.similarity_temperature)
+        self.loss_cfg = cfg.teacher_loss
         # frozen, outside DeepSpeed: it only ranks the batch for the negatives' sampling
-        self.negatives_student = (load_student(tl.negatives_student).to(dev).eval().requires_grad_(False)
-                                  if tl.negatives_student else None)
+        negatives_student = self.loss_cfg.negatives_student
+        self.negatives_student = (load_student(negatives_student).to(dev).eval().requires_grad_(False)
+                                  if negatives_student else None)
         self.data_tokenizer = self.model.tokenizer
 
     def forward(self, batch: dict, timer, step: int):

@@ -14,10 +14,10 @@ Optionally a masked-word loss (docs/platform_notes.md: the one change that helpe
 `teacher` may be the model or a DeepSpeed engine wrapping it: compute goes through teacher(...)
 (so ZeRO hooks run); tokenizer and preprocessing are read from the unwrapped module.
 """
-import math
 import random
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,46 +25,25 @@ import torch.nn.functional as F
 
 @dataclass
 class TeacherTrainingConfig:
-    # the recipe measured (docs/platform_notes.md) for the FiLM teacher (32 twin groups = 64 images a step)
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    schedule: str = "cosine"          # cosine decay to 0 after warm-up, or "constant"
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    images_per_step: int = 64
-    # negatives per image (and per caption). A step costs about one FiLM pass per scored pair.
-    # The recipe's 4 pairs per image (twin caption, perturbed caption, 1 random; per caption its
-    # twin image and, free, the image of the random pair) learned the binding at the recipe's pace
-    # (67-70% at step 300, 64 images a step); with 1 similar + 3 random negatives (~7.5 pairs per
-    # image) steps cost ~1.8x and binding lagged (60-63% at step 300), with 2 random ~57% at 200.
-    # 3 random + 1 similar: the recipe of assets/teacher-film on the specific captions (session 4,
-    # docs/RESULTS.md): a teacher that ranks whole galleries needs more than one random negative.
-    random_negatives: int = 3
-    similar_negatives: int = 1
-    perturbed_negative: bool = True
-    similarity_temperature: float = 0.1   # sampling temperature over word-overlap (Jaccard) scores
-    caption_loss_weight: float = 1.0      # weight of the per-caption (text -> image) cross-entropy
-    # masked-word auxiliary loss (0 = off; the FiLM teacher learns without it, ViLT from scratch needs it)
-    mlm_weight: float = 0.0
-    mlm_probability: float = 0.25
+    """The matching loss of `--stage teacher`; also the run config's `teacher_loss` section (each field
+    a flag of its own). The defaults are the recipe that trained assets/teacher-film; the optimiser's
+    part of the recipe (lr, warm-up, weight decay) is train/config.py's teacher-stage defaults.
+
+    Negatives per image (and per caption): a step costs about one FiLM pass per scored pair. 3 random
+    + 1 similar is the recipe of assets/teacher-film on the specific captions (docs/RESULTS.md, session
+    4): a teacher meant to rank whole galleries needs more than one random negative per image."""
+    random_negatives: int = 3             # random in-batch captions (and images) per image
+    similar_negatives: int = 1            # in-batch captions sampled by similarity (ALBEF-style)
+    # A saved student whose image-caption cosine picks the similar negatives instead of word
+    # overlap: trains the teacher on the kind of candidates DCD will ask it to rank.
+    negatives_student: Optional[str] = None
+    similarity_temperature: float = 0.1   # sampling temperature over the similarities
+    perturbed_negative: bool = True       # the own caption with colours / nouns / relations swapped
+    caption_loss_weight: float = 1.0      # weight of the caption -> image cross-entropy
+    mlm_weight: float = 0.0               # masked-word auxiliary loss (ViLT from scratch needs it)
 
 
-def learning_rate(step, total_steps, cfg):
-    """Linear warm-up to cfg.lr, then cosine decay to 0 (or constant)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model, cfg):
-    """AdamW; no weight decay on biases, norms and the temperature (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+MLM_PROBABILITY = 0.25  # share of a caption's real words the masked-word loss masks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,7 +329,7 @@ def teacher_matching_loss(teacher, batch, cfg, generator=None, similarity=None):
     if cfg.mlm_weight > 0 and getattr(model, "has_masked_word_head", False):
         batch_ids = tokens["input_ids"][: len(captions)]
         batch_mask = tokens["attention_mask"][: len(captions)]
-        masked, labels = mask_words(batch_ids, batch_mask, model.tokenizer, cfg.mlm_probability, generator)
+        masked, labels = mask_words(batch_ids, batch_mask, model.tokenizer, MLM_PROBABILITY, generator)
         word_logits = teacher(pixel_values, masked, batch_mask, task="mlm").float()
         loss_mlm = F.cross_entropy(word_logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         predicted = labels != -100
