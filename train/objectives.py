@@ -7,7 +7,6 @@ The loop in train/run.py is the same for all three; only these objects differ.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -59,13 +58,48 @@ class TimedCollectives:
         return self._timed("all_to_all", *args, **kwargs)
 
 
-class StudentObjective:
+class Objective:
+    """What the loop in train/run.py needs of a stage: `engine` (the DeepSpeed engine trained),
+    `data_tokenizer`, `forward(batch, timer, step) -> (loss, logs)`, `validate() -> val/* metrics`,
+    `export(out, rank)`. Subclasses set `model`, `engine` and `data_tokenizer` and implement
+    `forward` and `metrics(split)`."""
+
+    export_name = ""
+
+    def __init__(self, cfg: RunConfig, dev, rank: int, world: int):
+        self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        self._val_split = None
+
+    def validation_split(self):
+        """The small validation gallery, read once."""
+        if self._val_split is None:
+            cfg = self.cfg
+            self._val_split = read_eval_split(cfg.data.shards, cfg.data.val_split, image_size=cfg.data.image_size,
+                                              max_images=cfg.train.eval_images)
+        return self._val_split
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """val/* metrics on the validation gallery. Every rank computes the same numbers: with ZeRO-3
+        the parameters are partitioned, so all ranks must run the same forward passes anyway, and a
+        few hundred images cost well under a second."""
+        failure.fault_point("validation")
+        return self.metrics(self.validation_split())
+
+    def metrics(self, split) -> dict:
+        raise NotImplementedError
+
+    def export(self, out: Path, rank: int) -> None:
+        ds_engine.export_pretrained(self.model, out / self.export_name, rank)
+
+
+class StudentObjective(Objective):
     """Shared by `student` and `distill`: a DualEncoder under a DeepSpeed training engine."""
 
     export_name = "student"
 
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int, teacher=None):
-        self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        super().__init__(cfg, dev, rank, world)
         t = cfg.train
         model = build_student(cfg.model.student, tokenizer_dir=tokenizer_dir(cfg), teacher=teacher)
         self.model = model
@@ -90,8 +124,14 @@ class StudentObjective:
             loss, logs = contrastive_loss(image_emb, text_emb, scale, batch["image_ids"], self.comm)
         return loss, _train_logs(logs, loss)
 
-    def export(self, out: Path, rank: int) -> None:
-        ds_engine.export_pretrained(self.model, out / self.export_name, rank)
+    def metrics(self, split) -> dict:
+        """Recall@K and RSUM over the gallery, and binding accuracy when it has twins."""
+        scores = embed_images(self.model, split.pixels) @ embed_texts(self.model, split.captions).t()
+        result = {f"val/{k}": float(v) for k, v in retrieval_metrics(scores, split.caption_image_index).items()}
+        acc = binding_accuracy_from_scores(scores, split.caption_image_index, split.twin_index)
+        if acc is not None:
+            result["val/binding_acc"] = acc
+        return result
 
 
 class DistillObjective(StudentObjective):
@@ -133,13 +173,13 @@ class DistillObjective(StudentObjective):
         return loss, logs
 
 
-class TeacherObjective:
+class TeacherObjective(Objective):
     """Fine-tunes the cross-encoder (no pretrained teacher can be downloaded on our machines)."""
 
     export_name = "teacher"
 
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
-        self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        super().__init__(cfg, dev, rank, world)
         t = cfg.train
         self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
         self.engine = ds_engine.build_student_engine(
@@ -167,8 +207,11 @@ class TeacherObjective:
         return loss, {f"train/{k}": v.detach() if isinstance(v, torch.Tensor) else v
                       for k, v in result.items()}
 
-    def export(self, out: Path, rank: int) -> None:
-        ds_engine.export_pretrained(self.model, out / self.export_name, rank)
+    def metrics(self, split) -> dict:
+        """Binding accuracy: does each caption's own image outscore its twin."""
+        own, twin = teacher_binding_scores(self.model, split)
+        acc = binding_accuracy(own, twin)
+        return {} if acc is None else {"val/binding_acc": acc}
 
 
 def _train_logs(logs: dict, loss: torch.Tensor) -> dict:
@@ -192,39 +235,3 @@ def build_objective(cfg: RunConfig, ds: dict, dev, rank: int, world: int):
     if cfg.model.teacher == DEFAULT_TEACHER and not Path(DEFAULT_TEACHER).exists():
         raise ConfigError(missing_default_teacher())
     return DistillObjective(cfg, ds, dev, rank, world)
-
-
-
-# ----------------------------------------------------------------------------- validation
-
-_VAL_CACHE: dict = {}
-
-
-def _val_split(cfg: RunConfig):
-    key = (cfg.data.shards, cfg.data.val_split, cfg.train.eval_images, cfg.data.image_size)
-    if key not in _VAL_CACHE:
-        _VAL_CACHE[key] = read_eval_split(cfg.data.shards, cfg.data.val_split,
-                                          image_size=cfg.data.image_size,
-                                          max_images=cfg.train.eval_images)
-    return _VAL_CACHE[key]
-
-
-@torch.no_grad()
-def validate(objective, cfg: RunConfig) -> dict:
-    """val/* metrics on a small validation gallery.
-
-    Every rank computes the same numbers: with ZeRO-3 the parameters are partitioned, so all ranks
-    must run the same forward passes anyway, and a few hundred images cost well under a second.
-    """
-    failure.fault_point("validation")
-    split = _val_split(cfg)
-    if isinstance(objective, TeacherObjective):
-        own, twin = teacher_binding_scores(objective.model, split)
-        acc = binding_accuracy(own, twin)
-        return {} if acc is None else {"val/binding_acc": acc}
-    scores = embed_images(objective.model, split.pixels) @ embed_texts(objective.model, split.captions).t()
-    result = {f"val/{k}": float(v) for k, v in retrieval_metrics(scores, split.caption_image_index).items()}
-    acc = binding_accuracy_from_scores(scores, split.caption_image_index, split.twin_index)
-    if acc is not None:
-        result["val/binding_acc"] = acc
-    return result

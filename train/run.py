@@ -37,9 +37,9 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 from train import comm, failure
 from train import engine as ds_engine
 from train.config import ConfigError, RunConfig, parse_config
-from train.data import SKIP_REASONS, DataError, load_tokenizer, make_train_loader
+from train.data import SKIP_REASONS, DataError, make_train_loader
 from train.monitor import Monitor, StepTimer
-from train.objectives import build_objective, validate
+from train.objectives import build_objective
 
 
 class StopRequest:
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             samples_since, clock = 0, time.perf_counter()
         aside = time.perf_counter()  # validation and checkpoints are not training time
         if step % t.eval_every == 0 or step == t.steps:
-            metrics = validate(objective, cfg)
+            metrics = objective.validate()
             monitor.scalars(step, metrics)
             log(rank, "val " + " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items()))
         if step % t.save_every == 0 or step == t.steps:
