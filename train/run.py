@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python train/run.py` and the deepspeed launcher run it as a script
@@ -128,111 +129,165 @@ def main(argv=None) -> int:
         raise
     except ValueError as err:  # an unknown or unreadable --teacher / --student spec
         raise ConfigError(_first_line(err)) from None
-    student = objective.engine
-    ckpt_dir = out / "checkpoints"
-    step, data_batches, bad_in_a_row, skipped_steps, saved_step = 0, 0, 0, 0, None
-    if t.resume:
-        state = ds_engine.load_checkpoint(student, ckpt_dir, t.resume)
-        step, data_batches = state["step"], state["data_batches"]
-        saved_step = step
-        skipped_steps = state.get("skipped_steps", 0)
-        log(rank, f"resumed from {ckpt_dir} at step {step}")
-
-    tokenizer = objective.data_tokenizer
-    loader = make_train_loader(
-        cfg.data.shards, cfg.data.train_split, batch_size=t.batch_size,
-        image_size=cfg.data.image_size, tokenizer=tokenizer, max_length=cfg.data.max_length,
-        num_workers=cfg.data.num_workers, rank=rank, world_size=world, seed=t.seed,
-        start_batch=data_batches, twins_in_batch=cfg.data.twins_in_batch)
-    monitor = Monitor(out / "tb", enabled=rank == 0)
-    monitor.text(step, "config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
-    timer = StepTimer(comm.accelerator().synchronize)
-    stop = StopRequest()
-    batches = iter(loader)
-    samples_since, clock = 0, time.perf_counter()
-    loop_start, overhead_s, start_step, metrics = time.perf_counter(), 0.0, step, {}
+    loop = TrainingLoop(cfg, objective, out, rank, world, dev)
     log(rank, f"stage {t.stage}: {t.steps} steps, {world} rank(s) x batch {t.batch_size}, "
               f"ZeRO-{ds_engine.zero_stage(ds)}, out {out}")
 
-    def save():
-        nonlocal saved_step
-        if saved_step == step:  # this step's checkpoint exists and is complete: never rewrite it
-            return
-        ds_engine.save_checkpoint(student, ckpt_dir, step, keep=t.keep_checkpoints, client_state={
-            "step": step, "data_batches": data_batches, "skipped_steps": skipped_steps})
-        saved_step = step
-
     failure.enter_training_loop()
-    while step < t.steps:
-        with timer.section("step"):
-            with timer.section("data"):
-                batch = next(batches)
-                data_batches += 1
-            loss, logs = objective.forward(batch, timer, step)
-            failure.fault_point("loss")
-            if not all_finite(loss):
-                # A NaN on one rank poisons every rank's averaged gradient: skip the step everywhere.
-                skipped_steps += 1
-                bad_in_a_row += 1
-                student.zero_grad()
-                monitor.scalars(step, {"train/skipped_steps": skipped_steps})
-                log(rank, f"step {step}: non-finite loss, step skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= t.max_bad_steps:
-                    save()
-                    log(rank, f"stopping: {bad_in_a_row} non-finite losses in a row "
-                              f"(--max-bad-steps {t.max_bad_steps}); checkpoint saved at step {step} "
-                              f"(the state before the skipped steps); exit code 3")
-                    return finish(monitor, 3)
-                continue
-            bad_in_a_row = 0
-            with timer.section("backward"):
-                student.backward(loss)
-                failure.fault_point("backward")
-                student.step()
-        step += 1
-        timer.step_done()
-        samples_since += t.batch_size * world
-
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - clock
-            scalars = {k: v for k, v in logs.items() if not isinstance(v, torch.Tensor) or v.numel() == 1}
-            scalars.update(timer.read())
-            scalars["train/lr"] = student.get_lr()[0]
-            scalars["train/samples_per_s"] = samples_since / max(elapsed, 1e-9)
-            scalars["train/skipped_steps"] = skipped_steps
-            skips = loader_skip_counts(loader, dev)
-            scalars.update(skips)
-            monitor.scalars(step, scalars)
-            if "train/weights" in logs:
-                monitor.histogram(step, "train/weights", logs["train/weights"])
-            log(rank, f"step {step}/{t.steps} loss {loss.item():.4f} "
-                      f"{scalars['train/samples_per_s']:.0f} samples/s" + skip_summary(skips))
-            samples_since, clock = 0, time.perf_counter()
-        aside = time.perf_counter()  # validation and checkpoints are not training time
-        if step % t.eval_every == 0 or step == t.steps:
-            metrics = objective.validate()
-            monitor.scalars(step, metrics)
-            log(rank, "val " + " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in metrics.items()))
-        if step % t.save_every == 0 or step == t.steps:
-            save()
-        overhead_s += time.perf_counter() - aside
-        if stop.agreed(dev):
-            save()
-            log(rank, f"stop requested ({stop.reason or 'by another rank'}): checkpoint saved at step "
-                      f"{step}; resume with --resume latest")
-            return finish(monitor, 0)
+    while loop.state.step < t.steps:
+        if not loop.train_step():  # a non-finite loss: the step was skipped on every rank
+            if loop.state.bad_in_a_row >= t.max_bad_steps:
+                return loop.stop_for_bad_steps()
+            continue
+        loop.log_step()
+        loop.validate_and_save()
+        if loop.stop.agreed(dev):
+            loop.save()
+            log(rank, f"stop requested ({loop.stop.reason or 'by another rank'}): checkpoint saved at "
+                      f"step {loop.state.step}; resume with --resume latest")
+            return finish(loop.monitor, 0)
 
     failure.leave_training_loop()
-    objective.export(out, rank)
-    train_s = time.perf_counter() - loop_start - overhead_s
-    if rank == 0:
-        write_summary(out / "train_summary.json", stage=t.stage, steps=step, steps_this_run=step - start_step,
-                      world_size=world, batch_per_rank=t.batch_size, train_seconds=round(train_s, 2),
-                      seconds_per_step=round(train_s / max(1, step - start_step), 4),
-                      skipped_steps=skipped_steps, final_val=metrics)
-    log(rank, f"done: exported {objective.export_name} to {out / objective.export_name} "
-              f"({train_s:.0f} s of training)")
-    return finish(monitor, 0)
+    return loop.export_and_summarise()
+
+
+@dataclass
+class LoopState:
+    """Where the loop stands. step, data_batches and skipped_steps are what a checkpoint keeps."""
+    step: int = 0
+    data_batches: int = 0              # batches drawn from the loader (skipped steps included)
+    skipped_steps: int = 0             # steps skipped for a non-finite loss, over the whole run
+    bad_in_a_row: int = 0
+    saved_step: int | None = None      # the step whose checkpoint exists and is complete
+    start_step: int = 0                # where this process started (resumed or 0)
+    loss: torch.Tensor | None = None   # the last step's loss and logs
+    logs: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # the last validation
+    samples_since: int = 0             # samples since the last log line, and when that was
+    clock: float = field(default_factory=time.perf_counter)
+    loop_start: float = field(default_factory=time.perf_counter)
+    overhead_s: float = 0.0            # validation and checkpoints: not training time
+
+
+class TrainingLoop:
+    """One run's loop pieces: the objective's engine, the data, the monitor and the LoopState, with
+    one method per thing a step does (train, log, validate and save, stop, export)."""
+
+    def __init__(self, cfg: RunConfig, objective, out: Path, rank: int, world: int, dev):
+        self.cfg, self.t, self.objective, self.out = cfg, cfg.train, objective, out
+        self.rank, self.world, self.dev = rank, world, dev
+        self.student = objective.engine
+        self.ckpt_dir = out / "checkpoints"
+        self.state = LoopState()
+        if self.t.resume:
+            saved = ds_engine.load_checkpoint(self.student, self.ckpt_dir, self.t.resume)
+            self.state.step, self.state.data_batches = saved["step"], saved["data_batches"]
+            self.state.saved_step = self.state.start_step = self.state.step
+            self.state.skipped_steps = saved.get("skipped_steps", 0)
+            log(rank, f"resumed from {self.ckpt_dir} at step {self.state.step}")
+        data = cfg.data
+        self.loader = make_train_loader(
+            data.shards, data.train_split, batch_size=self.t.batch_size, image_size=data.image_size,
+            tokenizer=objective.data_tokenizer, max_length=data.max_length, num_workers=data.num_workers,
+            rank=rank, world_size=world, seed=self.t.seed, start_batch=self.state.data_batches,
+            twins_in_batch=data.twins_in_batch)
+        self.monitor = Monitor(out / "tb", enabled=rank == 0)
+        self.monitor.text(self.state.step, "config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
+        self.timer = StepTimer(comm.accelerator().synchronize)
+        self.stop = StopRequest()
+        self.batches = iter(self.loader)
+        self.state.clock = self.state.loop_start = time.perf_counter()
+
+    def train_step(self) -> bool:
+        """One optimiser step; False when the loss was not finite on some rank (skipped everywhere:
+        a NaN on one rank poisons every rank's averaged gradient)."""
+        s = self.state
+        with self.timer.section("step"):
+            with self.timer.section("data"):
+                batch = next(self.batches)
+                s.data_batches += 1
+            s.loss, s.logs = self.objective.forward(batch, self.timer, s.step)
+            failure.fault_point("loss")
+            if not all_finite(s.loss):
+                s.skipped_steps += 1
+                s.bad_in_a_row += 1
+                self.student.zero_grad()
+                self.monitor.scalars(s.step, {"train/skipped_steps": s.skipped_steps})
+                log(self.rank, f"step {s.step}: non-finite loss, step skipped ({s.bad_in_a_row} in a row)")
+                return False
+            s.bad_in_a_row = 0
+            with self.timer.section("backward"):
+                self.student.backward(s.loss)
+                failure.fault_point("backward")
+                self.student.step()
+        s.step += 1
+        self.timer.step_done()
+        s.samples_since += self.t.batch_size * self.world
+        return True
+
+    def log_step(self) -> None:
+        """Every log_every steps: the scalars, the loaders' skipped samples, one log line."""
+        s, t = self.state, self.t
+        if not (s.step % t.log_every == 0 or s.step == t.steps):
+            return
+        elapsed = time.perf_counter() - s.clock
+        scalars = {k: v for k, v in s.logs.items() if not isinstance(v, torch.Tensor) or v.numel() == 1}
+        scalars.update(self.timer.read())
+        scalars["train/lr"] = self.student.get_lr()[0]
+        scalars["train/samples_per_s"] = s.samples_since / max(elapsed, 1e-9)
+        scalars["train/skipped_steps"] = s.skipped_steps
+        skips = loader_skip_counts(self.loader, self.dev)
+        scalars.update(skips)
+        self.monitor.scalars(s.step, scalars)
+        if "train/weights" in s.logs:
+            self.monitor.histogram(s.step, "train/weights", s.logs["train/weights"])
+        log(self.rank, f"step {s.step}/{t.steps} loss {s.loss.item():.4f} "
+                       f"{scalars['train/samples_per_s']:.0f} samples/s" + skip_summary(skips))
+        s.samples_since, s.clock = 0, time.perf_counter()
+
+    def validate_and_save(self) -> None:
+        """Every eval_every / save_every steps (and at the last); their time is not training time."""
+        s, t = self.state, self.t
+        aside = time.perf_counter()
+        if s.step % t.eval_every == 0 or s.step == t.steps:
+            s.metrics = self.objective.validate()
+            self.monitor.scalars(s.step, s.metrics)
+            log(self.rank, "val " + " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in s.metrics.items()))
+        if s.step % t.save_every == 0 or s.step == t.steps:
+            self.save()
+        s.overhead_s += time.perf_counter() - aside
+
+    def save(self) -> None:
+        s = self.state
+        if s.saved_step == s.step:  # this step's checkpoint exists and is complete: never rewrite it
+            return
+        ds_engine.save_checkpoint(self.student, self.ckpt_dir, s.step, keep=self.t.keep_checkpoints, client_state={
+            "step": s.step, "data_batches": s.data_batches, "skipped_steps": s.skipped_steps})
+        s.saved_step = s.step
+
+    def stop_for_bad_steps(self) -> int:
+        """--max-bad-steps non-finite losses in a row: save the state they left untouched, exit 3."""
+        s = self.state
+        self.save()
+        log(self.rank, f"stopping: {s.bad_in_a_row} non-finite losses in a row "
+                       f"(--max-bad-steps {self.t.max_bad_steps}); checkpoint saved at step {s.step} "
+                       f"(the state before the skipped steps); exit code 3")
+        return finish(self.monitor, 3)
+
+    def export_and_summarise(self) -> int:
+        s, t = self.state, self.t
+        self.objective.export(self.out, self.rank)
+        train_s = time.perf_counter() - s.loop_start - s.overhead_s
+        steps_this_run = s.step - s.start_step
+        if self.rank == 0:
+            write_summary(self.out / "train_summary.json", stage=t.stage, steps=s.step,
+                          steps_this_run=steps_this_run, world_size=self.world, batch_per_rank=t.batch_size,
+                          train_seconds=round(train_s, 2),
+                          seconds_per_step=round(train_s / max(1, steps_this_run), 4),
+                          skipped_steps=s.skipped_steps, final_val=s.metrics)
+        log(self.rank, f"done: exported {self.objective.export_name} to {self.out / self.objective.export_name} "
+                       f"({train_s:.0f} s of training)")
+        return finish(self.monitor, 0)
 
 
 def loader_skip_counts(loader, dev) -> dict:
