@@ -197,13 +197,39 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+# What --help says of the fields resolve() fills in when they are left at None.
+_RESOLVED_DEFAULTS = {
+    "out": ", ".join(f"{stage} {DEFAULT_OUT[stage]}" for stage in STAGES),
+    "teacher": f"distill {DEFAULT_TEACHER}, teacher film-tiny, student none",
+    "teacher_zero": "3 with more than one rank, else 0",
+}
+_STAGE_DEFAULT_UNSET = {"warmup_steps": "10% of the steps", "batch_size": "the ds config's micro batch"}
+
+
+def _default_help(name: str, value) -> str:
+    """The default as resolve() sets it: the value, or per stage, or what None means."""
+    if value is not None:
+        return str(value)
+    if name in _RESOLVED_DEFAULTS:
+        return _RESOLVED_DEFAULTS[name]
+    if name not in STAGE_DEFAULTS[STAGES[0]]:
+        return "none"
+    stages_of = {}
+    for stage in STAGES:
+        stage_value = STAGE_DEFAULTS[stage][name]
+        stages_of.setdefault(_STAGE_DEFAULT_UNSET[name] if stage_value is None else str(stage_value), []).append(stage)
+    if len(stages_of) == 1:
+        return next(iter(stages_of))
+    return ", ".join(f"{' / '.join(stages)} {text}" for text, stages in stages_of.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="train/run.py",
         description="Train a dual-encoder student by Dynamic Contrastive Distillation from a "
                     "cross-encoder teacher (stages: teacher fine-tune, contrastive student, distill).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="JSON file with any of the sections below "
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="JSON file with any of the sections below "
                         "({\"train\": {...}, \"distill\": {...}}) or flat field names")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                         help="set by the deepspeed launcher; ignored")
@@ -214,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         for f in fields(section):
             tp = _base_type(index[f.name][1])
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS,
-                          help=f"(default: {getattr(section, f.name)})")
+                          help=f"(default: {_default_help(f.name, getattr(section, f.name))})".replace("%", "%%"))
             if tp is bool:
                 kwargs["type"] = _parse_bool
                 kwargs["metavar"] = "BOOL"
