@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from tests import fixtures
-from train import data
+from train import data, samples
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +202,9 @@ def test_decode_resizes_centre_crops_and_never_flips():
     img[:, 20:] = (0, 0, 255)  # right half blue
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    out = data.decode_image(buf.getvalue(), 10)
+    out = samples.decode_image(buf.getvalue(), 10)
     assert out.shape == (3, 10, 10) and out.dtype == np.uint8
     assert out[0, 5, 0] > 200 and out[2, 5, 9] > 200  # red stays left, blue right
     gray = io.BytesIO()
     Image.fromarray(img[:, :, 0]).convert("L").save(gray, format="PNG")
-    assert data.decode_image(gray.getvalue(), 8).shape == (3, 8, 8)
+    assert samples.decode_image(gray.getvalue(), 8).shape == (3, 8, 8)

@@ -61,7 +61,7 @@ _HUGE = {}
 
 
 def huge_jpeg() -> bytes:
-    """10,000 x 10,000 pixels (100 MP, over data.MAX_PIXELS): ~1 MB encoded, made once."""
+    """10,000 x 10,000 pixels (100 MP, over samples.MAX_PIXELS): ~1 MB encoded, made once."""
     if "jpeg" not in _HUGE:
         _HUGE["jpeg"] = _encoded(Image.new("L", (10_000, 10_000), 128), "JPEG")
     return _HUGE["jpeg"]
@@ -106,7 +106,7 @@ def bad_samples(prefix: str, first_id: int) -> list:
 def add_bad_shards(shards: Path, split: str, names: list, first: bool = False, truncate: int | None = None):
     """Add one bad shard per name to a split's manifest (first or last); truncate shard `truncate`
     of the split to 60% of its bytes (a damaged tar)."""
-    from train.data import read_shard
+    from train.samples import read_shard
     manifest_path = shards / f"{split}.json"
     manifest = json.loads(manifest_path.read_text())
     for i, name in enumerate(names):

@@ -108,7 +108,8 @@ def read_images_by_key(shards_dir, split: str, keys: Sequence[str], image_size: 
     """uint8 [3, S, S] pictures of the given sample keys, read from the split's tar shards with the
     data module's own decoder (same resize and crop as evaluation). Only the wanted members are
     decoded."""
-    from train.data import decode_image, load_manifest
+    from train.data import load_manifest
+    from train.samples import decode_image
     wanted, found = set(keys), {}
     for shard in load_manifest(shards_dir, split)["paths"]:
         with tarfile.open(shard) as archive:

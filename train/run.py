@@ -38,8 +38,9 @@ warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.
 from train import comm, failure
 from train import engine as ds_engine
 from train.config import ConfigError, RunConfig, parse_config
-from train.data import SKIP_REASONS, DataError, make_train_loader
+from train.data import DataError, make_train_loader
 from train.monitor import Monitor, StepTimer
+from train.samples import SKIP_REASONS
 from train.objectives import build_objective
 
 

@@ -54,8 +54,8 @@ class SceneOracle(CrossEncoder):
     backend = "scene-oracle"
 
     def __init__(self, shards_dir, margin: float = MARGIN):
+        from train import samples
         from train.synthetic import reader, scenes
-        from train import data
 
         shards_dir = Path(shards_dir)
         manifests = _split_manifests(shards_dir)
@@ -69,12 +69,12 @@ class SceneOracle(CrossEncoder):
         encoded_images, captions = [], set()  # (image bytes, tuple of SceneObject); every caption
         for _, manifest in manifests:
             for path in manifest["paths"]:
-                for raw in data.read_shard(path):
+                for raw in samples.read_shard(path):
                     try:
-                        meta = data.sample_meta(raw)
-                        image = data.image_bytes(raw)
-                        texts = data.sample_captions(raw, meta)
-                    except data.SampleError:
+                        meta = samples.sample_meta(raw)
+                        image = samples.image_bytes(raw)
+                        texts = samples.sample_captions(raw, meta)
+                    except samples.SampleError:
                         continue  # a corrupt sample never reaches a teacher either
                     objects = (meta.get("source") or {}).get("objects")
                     if objects is None:
@@ -110,9 +110,9 @@ class SceneOracle(CrossEncoder):
         """Pixel hash -> scene for images decoded at `size` (the loader's --image-size may differ
         from the size the shards were written at), built on first use."""
         if size not in self._scene_tables:
-            from train import data
+            from train.samples import decode_image
             self._scene_tables[size] = {
-                _pixels_key(torch.from_numpy(data.decode_image(image, size))): scene
+                _pixels_key(torch.from_numpy(decode_image(image, size))): scene
                 for image, scene in self._encoded_images}
         return self._scene_tables[size]
 
