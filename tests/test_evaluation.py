@@ -8,9 +8,10 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.evaluation import (EvalSplit, SplitEmbeddings, block_of_rank, embed_split, embedding_cache_path,
-                              rerank, rerank_rows, ranked_top, student_scores, teacher_all_pairs,
-                              teacher_binding_scores, teacher_pair_scores, twin_gallery_index)
+from train.eval_split import EvalSplit, twin_gallery_index
+from train.evaluation import (SplitEmbeddings, block_of_rank, embed_split, embedding_cache_path, ranked_top,
+                              rerank, rerank_rows, student_scores, teacher_all_pairs, teacher_binding_scores,
+                              teacher_pair_scores)
 from train.metrics import binding_accuracy, retrieval_metrics
 
 
@@ -348,7 +349,7 @@ def test_evaluate_cli_teacher_mode_and_bad_paths(tiny_shards, tmp_path, capsys):
 def test_film_teacher_cached_sides_score_like_its_forward(tiny_shards):
     """The cached-side path (each image and caption encoded once per gallery) gives the scores the
     teacher's own forward gives, for all pairs and for a scattered list of pairs."""
-    from train.evaluation import read_eval_split
+    from train.eval_split import read_eval_split
     from train.models.presets import build_teacher
     teacher = build_teacher("film-tiny", tiny_shards / "tokenizer").eval()
     assert teacher.splits_unimodal
@@ -382,7 +383,7 @@ def test_film_cached_sides_with_nothing_on_this_rank(tiny_shards, monkeypatch):
     """A gallery smaller than the world leaves a rank with no images (all pairs) or no pairs: its
     cached-side path must encode nothing and return an empty block, not fail."""
     from train import evaluation
-    from train.evaluation import read_eval_split
+    from train.eval_split import read_eval_split
     from train.models.presets import build_teacher
     teacher = build_teacher("film-tiny", tiny_shards / "tokenizer").eval()
     split = read_eval_split(tiny_shards, "test", image_size=teacher.image_size).subset(1, 2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.fixtures import make_karpathy, make_synthetic_shards
-from train.evaluation import read_eval_split
+from train.eval_split import read_eval_split
 from train.models.presets import build_teacher
 
 

@@ -40,8 +40,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
-from train.evaluation import (EvalSplit, embed_images, embed_split, embed_texts, read_eval_split,
-                              rerank, student_scores, teacher_all_pairs, teacher_pair_scores)
+from train.eval_split import EvalSplit, read_eval_split
+from train.evaluation import (embed_images, embed_split, embed_texts, rerank, student_scores,
+                              teacher_all_pairs, teacher_pair_scores)
 from train.metrics import RECALL_KS, retrieval_metrics
 
 TOP_K = max(RECALL_KS)  # depth each query's ranking is computed to
@@ -342,7 +343,7 @@ def fail(message: str) -> int:
 
 
 def run_retrieval_benchmark(args) -> int:
-    from train.evaluation import read_manifest
+    from train.eval_split import read_manifest
     from train.models.presets import build_student, build_teacher
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     try:

@@ -31,8 +31,9 @@ import torch
 
 from train import comm
 from train.engine import device as accelerator_device
-from train.evaluation import (EvalSplit, embed_split, ranked_top, read_eval_split, read_manifest,
-                              rerank, student_scores, teacher_all_pairs, teacher_binding_scores)
+from train.eval_split import EvalSplit, read_eval_split, read_manifest
+from train.evaluation import (embed_split, ranked_top, rerank, student_scores, teacher_all_pairs,
+                              teacher_binding_scores)
 from train.metrics import (binding_accuracy, binding_accuracy_from_scores, format_table,
                            retrieval_metrics, twin_pairs)
 

@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.evaluation import embed_split, read_eval_split, student_scores  # noqa: E402
+from train.eval_split import read_eval_split  # noqa: E402
+from train.evaluation import embed_split, student_scores  # noqa: E402
 from train.metrics import retrieval_metrics  # noqa: E402
 
 

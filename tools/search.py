@@ -132,7 +132,8 @@ def read_images_by_key(shards_dir, split: str, keys: Sequence[str], image_size: 
 
 def build_index(student, shards_dir, split: str, image_size: int, max_images: Optional[int] = None,
                 batch_size: int = 256) -> dict:
-    from train.evaluation import embed_images, model_fingerprint, read_eval_split
+    from train.eval_split import read_eval_split
+    from train.evaluation import embed_images, model_fingerprint
     gallery = read_eval_split(shards_dir, split, image_size=image_size, max_images=max_images,
                               batch_size=batch_size)
     return {"format": INDEX_FORMAT, "embeddings": embed_images(student, gallery.pixels, batch_size),
@@ -208,7 +209,8 @@ def search(queries: Sequence[str], student, index: dict, searcher, top: int, tea
            rerank_k: int = 16, shards_dir=None, batch_size: int = 256) -> List[dict]:
     """Each query's top images: [{query, results: [{rank, key, image_id, captions, student_score,
     teacher_score?}]}]. With a teacher, the student's top max(top, rerank_k) are reordered by it."""
-    from train.evaluation import EvalSplit, embed_texts, rerank_rows, teacher_pair_scores
+    from train.eval_split import EvalSplit
+    from train.evaluation import embed_texts, rerank_rows, teacher_pair_scores
     query_embeddings = embed_texts(student, list(queries), batch_size)
     depth = max(top, rerank_k) if teacher is not None else top
     student_top_scores, candidates = searcher.search(query_embeddings, depth)
@@ -328,7 +330,7 @@ def read_queries(args) -> List[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from train.evaluation import read_manifest
+    from train.eval_split import read_manifest
     from train.models.presets import build_student, build_teacher
 
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731 (stdout = results)

@@ -16,7 +16,8 @@ from train import failure
 from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher
 from train.distill.dcd import contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
-from train.evaluation import embed_images, embed_texts, read_eval_split, teacher_binding_scores
+from train.eval_split import read_eval_split
+from train.evaluation import embed_images, embed_texts, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
 from train.models.presets import build_student, build_teacher, load_student
 from train.models.teacher_training import teacher_matching_loss
