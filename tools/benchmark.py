@@ -3,7 +3,8 @@
     python tools/benchmark.py retrieval --student PATH --teacher PATH --images 100,300,1000 \\
         [--captions-per-image 5] [--shards shards/synthetic --split test] [--teacher-budget-s 120] \\
         [--rerank-k 16] [--out runs/benchmark]
-    python tools/benchmark.py train        (per-step time of --stage distill vs --stage student, loader)
+    python tools/benchmark.py train        (per-step time of --stage distill vs --stage student, loader:
+                                            tools/benchmark_train.py)
 
 Retrieval: for each gallery size (the first N images of the split with up to --captions-per-image
 captions each), in one run on one machine, the time to rank every caption for every image and every
@@ -27,8 +28,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
-import subprocess
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from tools import benchmark_train
 from train.eval_split import EvalSplit, read_eval_split
 from train.evaluation import (embed_images, embed_split, embed_texts, rerank, student_scores,
                               teacher_all_pairs, teacher_pair_scores)
@@ -321,19 +321,7 @@ def parse_args(argv=None):
     retrieval.add_argument("--out", default="runs/benchmark", help="folder for retrieval.json/.png")
     retrieval.add_argument("--progress", action="store_true", help="progress bars for the teacher")
     retrieval.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
-    train = commands.add_parser("train", help="per-step time of --stage distill vs --stage student, "
-                                "and the loader's throughput")
-    train.add_argument("--shards", default="shards/synthetic")
-    train.add_argument("--teacher", default="runs/default/teacher/teacher",
-                       help="teacher folder or preset for --stage distill")
-    train.add_argument("--ranks", type=int, default=2, help="CPU ranks (the deepspeed launcher's --num_gpus)")
-    train.add_argument("--steps", type=int, default=30)
-    train.add_argument("--skip-steps", type=int, default=10, help="first steps left out (warm-up)")
-    train.add_argument("--batch-size", type=int, help="per rank (default: the ds config's)")
-    train.add_argument("--distill-args", default="", help="extra flags for the distill run, e.g. "
-                       "'--distill-queries 64'")
-    train.add_argument("--loader-batches", type=int, default=30)
-    train.add_argument("--out", default="runs/benchmark", help="folder for train.json")
+    benchmark_train.add_parser(commands)
     return parser.parse_args(argv)
 
 
@@ -390,87 +378,14 @@ def run_retrieval_benchmark(args) -> int:
     return 0
 
 
-def step_breakdown(tb_dir: Path, skip_steps: int) -> dict:
-    """Mean of every time/* and train/samples_per_s scalar logged after the warm-up steps."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    out = {}
-    for tag in events.Tags()["scalars"]:
-        if tag.startswith("time/") or tag in ("train/samples_per_s", "train/bytes_moved"):
-            values = [e.value for e in events.Scalars(tag) if e.step > skip_steps]
-            if values:
-                out[tag] = statistics.fmean(values)
-    return out
-
-
-def loader_throughput(shards: str, batch_size: int, batches: int) -> dict:
-    """Samples/s of one rank's training stream with 0, 1 and 2 loader workers (after the first batch)."""
-    from train.data import load_tokenizer, make_train_loader
-    tokenizer = load_tokenizer(Path(shards) / "tokenizer")
-    result = {}
-    for workers in (0, 1, 2):
-        loader = make_train_loader(shards, "train", batch_size=batch_size, image_size=64,
-                                   tokenizer=tokenizer, num_workers=workers, rank=0, world_size=2)
-        stream = iter(loader)
-        next(stream)
-        started = time.perf_counter()
-        for _ in range(batches):
-            next(stream)
-        result[f"workers_{workers}"] = batches * batch_size / (time.perf_counter() - started)
-        del stream, loader
-    return result
-
-
-def run_train_benchmark(args) -> int:
-    """--stage student and --stage distill for the same steps on the same ranks, through the real
-    trainer and launcher; the step-time breakdown comes from each run's TensorBoard `time/*`."""
-    repo = Path(__file__).resolve().parent.parent
-    if not (Path(args.shards) / "train.json").is_file():
-        return fail(f"{args.shards}: no train split (run tools/make_shards.py or ./launch.sh first)")
-    if not Path(args.teacher).exists() and "-" not in args.teacher:
-        return fail(f"--teacher {args.teacher}: not found (train one with ./launch.sh first)")
-    out = Path(args.out)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    stages = {}
-    for stage, extra in (("student", []), ("distill", ["--teacher", args.teacher,
-                                                        *args.distill_args.split()])):
-        run_dir = out / f"train_{stage}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        command = [deepspeed, "--num_gpus", str(args.ranks), "train/run.py", "--stage", stage,
-                   "--shards", args.shards, "--out", str(run_dir), "--steps", str(args.steps),
-                   "--log-every", "1", "--eval-every", str(args.steps), "--save-every", str(args.steps),
-                   "--eval-images", "50", *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-                   *extra]
-        print("$ " + " ".join(command), flush=True)
-        if subprocess.run(command, cwd=repo, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-            return fail(f"--stage {stage} failed; run the command above to see why")
-        stages[stage] = step_breakdown(run_dir / "tb", args.skip_steps)
-    loader = loader_throughput(args.shards, args.batch_size or 128, args.loader_batches)
-    ratio_value = ratio(stages["distill"].get("time/step"), stages["student"].get("time/step"))
-    result = {"benchmark": "train", "ranks": args.ranks, "steps": args.steps, "skip_steps": args.skip_steps,
-              "distill_args": args.distill_args, "stages": stages, "distill_over_student": ratio_value,
-              "loader_samples_per_s_per_rank": loader, "cpu_count": os.cpu_count(),
-              "threads_per_rank": env["OMP_NUM_THREADS"], "torch": torch.__version__}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
-    tags = sorted({tag for values in stages.values() for tag in values})
-    print(f"{'seconds per step':<24}{'student':>12}{'distill':>12}")
-    for tag in tags:
-        row = [stages[s].get(tag) for s in ("student", "distill")]
-        print(f"{tag:<24}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in row))
-    print(f"distill / student step time: {ratio_value:.2f}x")
-    print("loader samples/s per rank: " + ", ".join(f"{k} {v:.0f}" for k, v in loader.items()))
-    print(f"written: {out / 'train.json'}")
-    return 0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "retrieval":
         return run_retrieval_benchmark(args)
-    return run_train_benchmark(args)
+    try:
+        return benchmark_train.run_train_benchmark(args)
+    except benchmark_train.BenchmarkError as err:
+        return fail(str(err))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""`tools/benchmark.py train`: the per-step time of --stage distill vs --stage student for the same
+steps on the same ranks, through the real launcher and trainer (the step-time breakdown from each
+run's TensorBoard `time/*`), and the training loader's throughput. Writes {out}/train.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class BenchmarkError(Exception):
+    """A run that cannot be benchmarked: one line, exit status 2."""
+
+
+def add_parser(commands) -> None:
+    train = commands.add_parser("train", help="per-step time of --stage distill vs --stage student, "
+                                "and the loader's throughput")
+    train.add_argument("--shards", default="shards/synthetic")
+    train.add_argument("--teacher", default="runs/default/teacher/teacher",
+                       help="teacher folder or preset for --stage distill")
+    train.add_argument("--ranks", type=int, default=2, help="CPU ranks (the deepspeed launcher's --num_gpus)")
+    train.add_argument("--steps", type=int, default=30)
+    train.add_argument("--skip-steps", type=int, default=10, help="first steps left out (warm-up)")
+    train.add_argument("--batch-size", type=int, help="per rank (default: the ds config's)")
+    train.add_argument("--distill-args", default="", help="extra flags for the distill run, e.g. "
+                       "'--distill-queries 64'")
+    train.add_argument("--loader-batches", type=int, default=30)
+    train.add_argument("--out", default="runs/benchmark", help="folder for train.json")
+
+
+def step_breakdown(tb_dir: Path, skip_steps: int) -> dict:
+    """Mean of every time/* and train/samples_per_s scalar logged after the warm-up steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    out = {}
+    for tag in events.Tags()["scalars"]:
+        if tag.startswith("time/") or tag in ("train/samples_per_s", "train/bytes_moved"):
+            values = [e.value for e in events.Scalars(tag) if e.step > skip_steps]
+            if values:
+                out[tag] = statistics.fmean(values)
+    return out
+
+
+def loader_throughput(shards: str, batch_size: int, batches: int) -> dict:
+    """Samples/s of one rank's training stream with 0, 1 and 2 loader workers (after the first batch)."""
+    from train.data import load_tokenizer, make_train_loader
+    tokenizer = load_tokenizer(Path(shards) / "tokenizer")
+    result = {}
+    for workers in (0, 1, 2):
+        loader = make_train_loader(shards, "train", batch_size=batch_size, image_size=64,
+                                   tokenizer=tokenizer, num_workers=workers, rank=0, world_size=2)
+        stream = iter(loader)
+        next(stream)
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(stream)
+        result[f"workers_{workers}"] = batches * batch_size / (time.perf_counter() - started)
+        del stream, loader
+    return result
+
+
+def run_train_benchmark(args) -> int:
+    """--stage student and --stage distill for the same steps on the same ranks, through the real
+    trainer and launcher; the step-time breakdown comes from each run's TensorBoard `time/*`."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (Path(args.shards) / "train.json").is_file():
+        raise BenchmarkError(f"{args.shards}: no train split (run tools/make_shards.py or ./launch.sh first)")
+    if not Path(args.teacher).exists() and "-" not in args.teacher:
+        raise BenchmarkError(f"--teacher {args.teacher}: not found (train one with ./launch.sh first)")
+    out = Path(args.out)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    stages = {}
+    for stage, extra in (("student", []), ("distill", ["--teacher", args.teacher,
+                                                        *args.distill_args.split()])):
+        run_dir = out / f"train_{stage}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        command = [deepspeed, "--num_gpus", str(args.ranks), "train/run.py", "--stage", stage,
+                   "--shards", args.shards, "--out", str(run_dir), "--steps", str(args.steps),
+                   "--log-every", "1", "--eval-every", str(args.steps), "--save-every", str(args.steps),
+                   "--eval-images", "50", *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                   *extra]
+        print("$ " + " ".join(command), flush=True)
+        if subprocess.run(command, cwd=repo, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            raise BenchmarkError(f"--stage {stage} failed; run the command above to see why")
+        stages[stage] = step_breakdown(run_dir / "tb", args.skip_steps)
+    loader = loader_throughput(args.shards, args.batch_size or 128, args.loader_batches)
+    distill_s, student_s = stages["distill"].get("time/step"), stages["student"].get("time/step")
+    ratio_value = distill_s / student_s if distill_s is not None and student_s else None
+    result = {"benchmark": "train", "ranks": args.ranks, "steps": args.steps, "skip_steps": args.skip_steps,
+              "distill_args": args.distill_args, "stages": stages, "distill_over_student": ratio_value,
+              "loader_samples_per_s_per_rank": loader, "cpu_count": os.cpu_count(),
+              "threads_per_rank": env["OMP_NUM_THREADS"], "torch": torch.__version__}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
+    tags = sorted({tag for values in stages.values() for tag in values})
+    print(f"{'seconds per step':<24}{'student':>12}{'distill':>12}")
+    for tag in tags:
+        row = [stages[s].get(tag) for s in ("student", "distill")]
+        print(f"{tag:<24}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in row))
+    print(f"distill / student step time: {ratio_value:.2f}x")
+    print("loader samples/s per rank: " + ", ".join(f"{k} {v:.0f}" for k, v in loader.items()))
+    print(f"written: {out / 'train.json'}")
+    return 0
