@@ -277,27 +277,42 @@ def bounded_imap(pool, fn, iterable, window: int = 256):
         yield from pool.imap(fn, chunk, chunksize=8)
 
 
-def write_split(args, out: Path, split: str, make_units, total_units, source_counts: Counter,
-                captions_out: list | None) -> dict:
-    """Encode and write one split; returns its manifest. Train captions go to `captions_out`."""
-    fp = fingerprint(args, split)
-    if args.resume:
-        done = finished_manifest(out, split, fp)
-        if done is not None:
-            log.info("%s: already complete (--resume): %d samples", split, done["num_samples"])
-            if captions_out is not None:
-                captions_out += captions_in_shards(out, done["shards"])
-            return done
-    for leftover in out.glob(f"{split}-*.tar.tmp"):  # partial shards of a killed run
-        leftover.unlink()
-
+def resume_point(args, out: Path, split: str, fp: str, captions_out: list | None):
+    """(complete shards, first unit to encode, captions and skip counts so far): where --resume
+    continues, or the start."""
     shards = load_progress(out, split, fp) if args.resume else []
     last = shards[-1] if shards else {"next_unit": 0, "num_captions": 0, "skipped": {}}
-    start_unit, num_captions, skipped = last["next_unit"], last["num_captions"], Counter(last["skipped"])
+    start_unit = last["next_unit"]
     if shards:
         log.info("%s: resuming after %d complete shards (%d units)", split, len(shards), start_unit)
         if captions_out is not None:
             captions_out += captions_in_shards(out, [s["name"] for s in shards])
+    return shards, start_unit, last["num_captions"], Counter(last["skipped"])
+
+
+def encode_all(tasks, workers: int):
+    """(pool or None, the encoded units in order): in `workers` forked processes when more than one."""
+    if workers <= 1:
+        return None, map(encode_unit, tasks)
+    import multiprocessing
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    return pool, bounded_imap(pool, encode_unit, tasks)
+
+
+def write_split(args, out: Path, split: str, make_units, total_units, source_counts: Counter,
+                captions_out: list | None) -> dict:
+    """Encode and write one split; returns its manifest. Train captions go to `captions_out`."""
+    fp = fingerprint(args, split)
+    done = finished_manifest(out, split, fp) if args.resume else None
+    if done is not None:
+        log.info("%s: already complete (--resume): %d samples", split, done["num_samples"])
+        if captions_out is not None:
+            captions_out += captions_in_shards(out, done["shards"])
+        return done
+    for leftover in out.glob(f"{split}-*.tar.tmp"):  # partial shards of a killed run
+        leftover.unlink()
+
+    shards, start_unit, num_captions, skipped = resume_point(args, out, split, fp, captions_out)
     next_unit = start_unit
     named = Counter()
 
@@ -309,13 +324,7 @@ def write_split(args, out: Path, split: str, make_units, total_units, source_cou
 
     writer = ShardWriter(out, split, args.maxcount, args.maxsize, len(shards), shard_done)
     tasks = ((unit, args.max_side, args.quality) for unit in make_units(start_unit))
-    pool = None
-    if args.workers > 1:
-        import multiprocessing
-        pool = multiprocessing.get_context("fork").Pool(args.workers)
-        results = bounded_imap(pool, encode_unit, tasks)
-    else:
-        results = map(encode_unit, tasks)
+    pool, results = encode_all(tasks, args.workers)
     total = None if total_units is None else total_units - start_unit
     t0, images_done = time.time(), 0
     try:
@@ -344,8 +353,13 @@ def write_split(args, out: Path, split: str, make_units, total_units, source_cou
     finally:
         if pool is not None:
             pool.terminate()
-    seconds = time.time() - t0
     skipped += source_counts
+    return finish_split(args, out, split, fp, shards, num_captions, skipped, time.time() - t0, images_done)
+
+
+def finish_split(args, out: Path, split: str, fp: str, shards: list, num_captions: int, skipped: Counter,
+                 seconds: float, images_done: int) -> dict:
+    """The split's manifest, written last (readers trust a manifest's shards), and its summary line."""
     manifest = {"split": split, "shards": [s["name"] for s in shards],
                 "shard_counts": [s["count"] for s in shards],
                 "num_samples": sum(s["count"] for s in shards), "num_captions": num_captions,
@@ -354,7 +368,7 @@ def write_split(args, out: Path, split: str, make_units, total_units, source_cou
         manifest["image_size"] = args.image_size
     elif args.max_side:
         manifest["max_side"] = args.max_side
-    atomic_write_json(out / f"{split}.json", manifest)  # last: readers trust a manifest's shards
+    atomic_write_json(out / f"{split}.json", manifest)
     (out / f"{split}.progress.json").unlink(missing_ok=True)
     remove_stale_shards(out, split, set(manifest["shards"]))
     size = sum(s["bytes"] for s in shards)
