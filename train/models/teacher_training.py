@@ -199,8 +199,25 @@ def build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator=No
         if text is not None:
             perturbed_text[row] = batch + len(perturbed_text)
 
-    table = PairTable()
-    image_rows, caption_rows = [], []
+    table = PairTable()  # pairs are numbered in the order offered: every image's row, then every caption's
+    image_rows = _image_rows(table, twins, positives, perturbed_text, similar_texts, partners, cfg)
+    caption_rows = _caption_rows(table, twins, positives, similar_images, partners, cfg)
+    image_index, text_index = table.tensors(image_ids.device)
+    return {
+        "image_index": image_index, "text_index": text_index,
+        "image_rows": torch.tensor([c for c, _ in image_rows], dtype=torch.long),
+        "image_valid": torch.tensor([v for _, v in image_rows], dtype=torch.bool),
+        "caption_rows": torch.tensor([c for c, _ in caption_rows], dtype=torch.long),
+        "caption_valid": torch.tensor([v for _, v in caption_rows], dtype=torch.bool),
+        "twin_rows": twins,
+        "num_texts": batch + len(perturbed_text),
+    }
+
+
+def _image_rows(table, twins, positives, perturbed_text, similar_texts, partners, cfg) -> list:
+    """Per image: [(pair of its caption, pairs of its negative captions...), validity]."""
+    batch = len(twins)
+    rows = []
     for i in range(batch):
         candidates = [table.add(i, i)]
         valid = [True]
@@ -215,12 +232,19 @@ def build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator=No
             offer_caption(perturbed_text.get(i, -1))
         for text in similar_texts[i].tolist() + partners[i].tolist():
             offer_caption(text)
-        image_rows.append((candidates, valid))
+        rows.append((candidates, valid))
+    return rows
 
+
+def _caption_rows(table, twins, positives, similar_images, partners, cfg) -> list:
+    """Per caption: [(pair of its image, pairs of its negative images...), validity], all rows one
+    width; a random pair (image i, caption partner) also serves as the caption's negative image."""
+    batch = len(twins)
     backward = {}  # caption -> images that already got it as a random negative
     for i in range(batch):
         for text in partners[i].tolist():
             backward.setdefault(text, []).append(i)
+    rows = []
     for j in range(batch):
         candidates, valid = [table.add(j, j)], [True]
 
@@ -236,18 +260,8 @@ def build_candidates(image_ids, twin_ids, captions, perturbed, cfg, generator=No
         while len(candidates) < width:  # same width for every row
             candidates.append(0)
             valid.append(False)
-        caption_rows.append((candidates, valid))
-
-    image_index, text_index = table.tensors(image_ids.device)
-    return {
-        "image_index": image_index, "text_index": text_index,
-        "image_rows": torch.tensor([c for c, _ in image_rows], dtype=torch.long),
-        "image_valid": torch.tensor([v for _, v in image_rows], dtype=torch.bool),
-        "caption_rows": torch.tensor([c for c, _ in caption_rows], dtype=torch.long),
-        "caption_valid": torch.tensor([v for _, v in caption_rows], dtype=torch.bool),
-        "twin_rows": twins,
-        "num_texts": batch + len(perturbed_text),
-    }
+        rows.append((candidates, valid))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
