@@ -73,7 +73,7 @@ class Pipeline:
         return command
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="runs/default", help="run folder for every step's output")
     parser.add_argument("--ranks", type=int, default=2)
@@ -83,8 +83,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--shards", help="synthetic shards folder (default: shards/synthetic, "
                         "or shards/synthetic-fast with --fast)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     sizes = dict(FAST if args.fast else FULL)
     if args.shards:
         sizes["shards"] = args.shards
@@ -101,9 +104,23 @@ def main(argv=None) -> int:
         "--train-images", str(sizes["train_images"]), "--val-images", str(sizes["val_images"]),
         "--test-images", str(sizes["test_images"])]])
 
+    teacher, baseline, dcd, equal_time = training_steps(p, run, sizes, args.fresh)
+    evaluation_steps(p, run, sizes, teacher, baseline, dcd, equal_time)
+    table = write_results(run, p.times)
+    print(table)
+    print(f"[pipeline] results: {run / 'results.md'} and {run / 'results.json'}")
+    print("[pipeline] watch: tensorboard --logdir runs --host 127.0.0.1")
+    return 0
+
+
+
+
+def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool) -> tuple:
+    """The teacher, the contrastive baseline, DCD and the baseline at DCD's wall time; returns
+    their exported model folders."""
     teacher = run / "teacher" / "teacher"
     committed = REPO / sizes.get("committed_teacher", "-")
-    if committed.is_dir() and not args.fresh and not (teacher / "config.json").exists():
+    if committed.is_dir() and not fresh and not (teacher / "config.json").exists():
         shutil.copytree(committed, teacher)
         print(f"[pipeline] teacher: using the committed {committed.relative_to(REPO)} (see its "
               "README.md for the command that trained it); --fresh retrains it", flush=True)
@@ -128,6 +145,12 @@ def main(argv=None) -> int:
     p.step("baseline at DCD's wall time", equal_time / "config.json",
            [p.train("student", run / "baseline_equal_time", steps)])
 
+    return teacher, baseline, dcd, equal_time
+
+
+def evaluation_steps(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: Path, dcd: Path,
+                     equal_time: Path) -> None:
+    """Test-split evaluations, the data's figures and the retrieval benchmark."""
     evals = run / "eval"
     evals.mkdir(exist_ok=True)
     subset = ["--max-images", str(sizes["eval_images"])]
@@ -153,12 +176,6 @@ def main(argv=None) -> int:
         p.python, "tools/benchmark.py", "retrieval", "--student", str(dcd), "--teacher", str(teacher),
         "--shards", sizes["shards"], "--split", "test", "--images", sizes["bench_images"],
         "--teacher-budget-s", str(sizes["teacher_budget_s"]), "--out", str(bench)]])
-
-    table = write_results(run, p.times)
-    print(table)
-    print(f"[pipeline] results: {run / 'results.md'} and {run / 'results.json'}")
-    print("[pipeline] watch: tensorboard --logdir runs --host 127.0.0.1")
-    return 0
 
 
 if __name__ == "__main__":
