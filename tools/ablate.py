@@ -110,7 +110,19 @@ def _fmt(value, digits: int = 1, std=None) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None and std > 0 else "")
 
 
-def main(argv=None) -> int:
+def equal_time_steps(rows: list) -> int | None:
+    """Contrastive steps that take as long as the slowest DCD variant trained (None: no DCD row)."""
+    slowest = max((r for r in rows if r["variant"] != "contrastive"),
+                  key=lambda r: r["train_seconds"], default=None)
+    if slowest is None:
+        return None
+    base = next(r for r in rows if r["variant"] == "contrastive")
+    steps = int(slowest["train_seconds"] / base["seconds_per_step"])
+    print(f"[ablate] contrastive_equal_time: {steps} steps ~ {slowest['train_seconds']:.0f} s", flush=True)
+    return steps
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Ablation of DCD against its baselines "
                                      "(same data, start, steps and seed).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -128,7 +140,11 @@ def main(argv=None) -> int:
     parser.add_argument("--launcher", default="deepspeed --num_gpus 2")
     parser.add_argument("--train-args", default="", help="extra flags for every train/run.py call")
     parser.add_argument("--out", default="runs/ablation")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not Path(args.teacher).exists():
@@ -158,13 +174,8 @@ def main(argv=None) -> int:
     for name in names:
         rows.append(one_variant(name, VARIANTS[name], args.steps))
     if args.equal_time and "contrastive" in names:
-        slowest = max((r for r in rows if r["variant"] != "contrastive"),
-                      key=lambda r: r["train_seconds"], default=None)
-        if slowest is not None:
-            base = next(r for r in rows if r["variant"] == "contrastive")
-            steps = int(slowest["train_seconds"] / base["seconds_per_step"])
-            print(f"[ablate] contrastive_equal_time: {steps} steps ~ {slowest['train_seconds']:.0f} s",
-                  flush=True)
+        steps = equal_time_steps(rows)
+        if steps is not None:
             rows.append(one_variant("contrastive_equal_time", VARIANTS["contrastive"], steps))
     dcd = next((r for r in rows if r["variant"].startswith("dcd")), None)
     if dcd is not None:
