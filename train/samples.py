@@ -18,7 +18,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-log = logging.getLogger("train.data")
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MAX_PIXELS = 64_000_000
