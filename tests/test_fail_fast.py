@@ -70,10 +70,11 @@ def main():
         (out / "child.pid").write_text(str(child.pid))
         time.sleep(0.5)
         raise ValueError("the step went wrong\nsecond line")
-    print("ready", flush=True)
     if mode == "outside":
+        print("ready", flush=True)
         time.sleep(600)
     failure.enter_training_loop()
+    print("ready", flush=True)  # inside the loop: a signal sent from here on is a loop's stop request
     if mode == "loop":  # the step boundary comes every 0.1 s: the loop's own stop
         while not failure.STATE.stop_requested:
             time.sleep(0.1)
