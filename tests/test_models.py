@@ -311,3 +311,17 @@ def test_cnn_image_tower_pools(pool):
     features = tower(torch.randn(3, 3, 64, 64))
     assert features.shape == (3, tower.width)
     features.sum().backward()
+
+
+def test_distillation_builds_its_teacher_without_moving_the_student_seed(tokenizer_dir, tmp_path):
+    # The distilled and the contrastive student must start from the same weights for one seed, or
+    # every comparison of the two stages carries an initialisation difference.
+    from train.objectives import build_teacher_aside
+    build_teacher("film-tiny", tokenizer_dir=tokenizer_dir).save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(0)
+    contrastive = build_student("student-tiny", tokenizer_dir=tokenizer_dir)
+    torch.manual_seed(0)
+    teacher = build_teacher_aside(str(tmp_path / "teacher"), tokenizer_dir)
+    distilled = build_student("student-tiny", tokenizer_dir=tokenizer_dir, teacher=teacher)
+    for a, b in zip(contrastive.parameters(), distilled.parameters()):
+        assert torch.equal(a, b)

@@ -135,11 +135,22 @@ class StudentObjective(Objective):
         return result
 
 
+def build_teacher_aside(spec, tokenizer_folder):
+    """The teacher, built with the global random state set aside and restored afterwards.
+
+    Building a teacher draws random numbers (its modules are initialised before its weights are
+    loaded); drawn from the global state they would give the distilled student another
+    initialisation than the contrastive student's with the same seed, a confound in every
+    comparison of the two stages (measured: different weights before this, equal after)."""
+    with torch.random.fork_rng(devices=[]):
+        return build_teacher(spec, tokenizer_dir=tokenizer_folder)
+
+
 class DistillObjective(StudentObjective):
     """DCD: the student proposes hard candidates from the pool, the frozen teacher ranks them."""
 
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
-        teacher = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        teacher = build_teacher_aside(cfg.model.teacher, tokenizer_dir(cfg))
         super().__init__(cfg, ds, dev, rank, world, teacher=teacher)
         self.teacher = teacher
         self.teacher_engine = ds_engine.build_teacher_engine(teacher, ds, cfg.model.teacher_zero)
