@@ -102,7 +102,8 @@ class StudentObjective(Objective):
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int, teacher=None):
         super().__init__(cfg, dev, rank, world)
         t = cfg.train
-        model = build_student(cfg.model.student, tokenizer_dir=tokenizer_dir(cfg), teacher=teacher)
+        model = build_student(cfg.model.student, tokenizer_dir=tokenizer_dir(cfg), teacher=teacher,
+                              tokenizer=cfg.model.tokenizer)
         self.model = model
         self.engine = ds_engine.build_student_engine(
             model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
@@ -139,7 +140,7 @@ class DistillObjective(StudentObjective):
     """DCD: the student proposes hard candidates from the pool, the frozen teacher ranks them."""
 
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
-        teacher = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        teacher = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg), tokenizer=cfg.model.tokenizer)
         super().__init__(cfg, ds, dev, rank, world, teacher=teacher)
         self.teacher = teacher
         self.teacher_engine = ds_engine.build_teacher_engine(teacher, ds, cfg.model.teacher_zero)
@@ -182,7 +183,7 @@ class TeacherObjective(Objective):
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
         super().__init__(cfg, dev, rank, world)
         t = cfg.train
-        self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg), tokenizer=cfg.model.tokenizer)
         self.engine = ds_engine.build_student_engine(
             self.model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
         self.loss_cfg = cfg.teacher_loss
