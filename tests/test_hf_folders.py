@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.test_models import make_tokenizer, scene_captions, tiny_vilt_config, uint8_images
+from tests.test_models import (scene_captions, tiny_vilt_config, tokenizer,  # noqa: F401 (fixtures)
+                               tokenizer_dir, uint8_images)
 from train.models.presets import build_student, build_teacher, load_student, load_teacher
 from train.models.student import DualEncoder
 from train.models.vilt import ViltCrossEncoder
@@ -29,17 +30,6 @@ def assert_pixel_parity(ours, theirs, std):
     difference = (ours - theirs).abs()
     assert (difference > PIXEL_ATOL).float().mean().item() <= PIXEL_TIES
     assert difference.max().item() <= 1.5 / 255 / min(std) + 1e-6
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    return make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def fine_tune(module, seed=0):

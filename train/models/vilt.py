@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from train.models.common import (TOKENIZER_DIR, load_tokenizer, load_weights, normalize, read_config,
                                  read_project_config, require_tokenizer, resize_like_pil,
