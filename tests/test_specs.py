@@ -41,7 +41,7 @@ CASES = [
     ("teacher", "{root}/meter.ckpt", [], "give --tokenizer FOLDER"),            # bare PATH.ckpt
     ("teacher", "meter-tiny:{root}/missing.ckpt", [], "checkpoint {root}/missing.ckpt not found"),
     ("teacher", "scene-oracle:{root}/shards", [], "scene-oracle"),
-    ("teacher", "scene-oracle:{root}/nowhere", [], "shard folder"),
+    ("teacher", "scene-oracle:{root}/nowhere", [], "is not a folder"),
     ("teacher", "{root}/film", [], "project-folder"),
     ("teacher", "{root}/student", [], "a saved student folder, not a teacher"),
     ("teacher", "{root}/vilt", [], "hf-folder"),

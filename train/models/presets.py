@@ -165,7 +165,8 @@ def parse_spec(text, role):
     if role == "teacher" and spec.startswith(SCENE_ORACLE_PREFIX):
         shards = spec[len(SCENE_ORACLE_PREFIX):]
         if not Path(shards).is_dir():
-            raise SpecError(f"{what} {spec!r}: shard folder {shards!r} not found")
+            raise SpecError(f"{what} {spec!r}: {shards!r} is not a folder (scene-oracle:SHARDS names "
+                            f"a shard folder)")
         return ModelSpec(role, "scene-oracle", spec, path=shards)
     if role == "teacher" and (spec.startswith("meter-") or spec.endswith(".ckpt")):
         return _meter_spec(spec, what)
