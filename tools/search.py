@@ -28,9 +28,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
