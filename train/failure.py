@@ -185,7 +185,8 @@ def exit_now(code: int, what: str, details: str = "") -> None:
     One thread does it: a signal arriving meanwhile (the launcher tearing the job down) waits."""
     _exiting.acquire()
     rank = STATE.rank
-    who = f"rank {rank} failed first" if STATE.world > 1 else ""
+    # Before the run folder is known (the config and preflight checks) only rank 0 prints: no "who".
+    who = f"rank {rank} failed first" if STATE.world > 1 and STATE.out is not None else ""
     if what.startswith("stopped: "):
         line = what
     else:
@@ -200,15 +201,29 @@ def exit_now(code: int, what: str, details: str = "") -> None:
         except OSError:
             log = None
     try:
-        if _claim_first(line):
+        printed = _claim_first(line)
+        if printed:
             if details and log is None:
                 sys.stderr.write(details)
             sys.stderr.write(line + "\n")
+        if not (printed and rank == 0):  # rank 0's stderr is copied into the run log already
+            _append_run_log(f"[rank {rank}] {line}")
         sys.stdout.flush()
         sys.stderr.flush()
         kill_children()
     finally:
         os._exit(code)
+
+
+def _append_run_log(line: str) -> None:
+    """The error line into {out}/train.log (train/run_log.py), appended in one write."""
+    if STATE.out is None:
+        return
+    try:
+        with open(STATE.out / "train.log", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 def _fail(error: BaseException) -> None:

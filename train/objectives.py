@@ -21,6 +21,7 @@ from train.evaluation import embed_images, embed_texts, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
 from train.models.presets import build_student, build_teacher, load_student
 from train.models.teacher_training import teacher_matching_loss
+from train.validation_source import validation_source
 
 
 def _to(batch: dict, dev) -> dict:
@@ -69,14 +70,15 @@ class Objective:
 
     def __init__(self, cfg: RunConfig, dev, rank: int, world: int):
         self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        self.validation = validation_source(cfg)  # the val split, a held-out slice of train, or none
         self._val_split = None
 
     def validation_split(self):
         """The small validation gallery, read once."""
         if self._val_split is None:
-            cfg = self.cfg
-            self._val_split = read_eval_split(cfg.data.shards, cfg.data.val_split, image_size=cfg.data.image_size,
-                                              max_images=cfg.train.eval_images)
+            cfg, source = self.cfg, self.validation
+            self._val_split = read_eval_split(cfg.data.shards, source.split, image_size=cfg.data.image_size,
+                                              max_images=source.images)
         return self._val_split
 
     @torch.no_grad()
