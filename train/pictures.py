@@ -72,3 +72,19 @@ def png_base64(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def ranking_picture(rows: Sequence[dict], text_width: int = 360) -> Image.Image:
+    """One row per query: its image, then the candidate captions as the teacher ranked them, each
+    with the teacher's score and the student's own rank (green: a caption of that image).
+    A row: {"pixels": uint8 [3, H, W], "captions": [str], "teacher": [float], "student_rank": [int],
+    "own": [bool]}, candidates already in the teacher's order."""
+    tiles = []
+    for row in rows:
+        lines = [f"{i + 1}. t={t:+.2f} s#{r}  {c}" for i, (t, r, c) in
+                 enumerate(zip(row["teacher"], row["student_rank"], row["captions"]))]
+        colors = ["green" if own else "black" for own in row["own"]]
+        text = text_tile(["teacher's ranking of the student's proposals:"] + lines, text_width, TILE + 40,
+                         colors=["gray"] + colors)
+        tiles.append(stack([to_pil(row["pixels"]), text], horizontal=True))
+    return stack(tiles, horizontal=False, gap=8)

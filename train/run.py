@@ -268,6 +268,8 @@ class TrainingLoop:
         if self.objective.validation.split is not None and (s.step % t.eval_every == 0 or s.step == t.steps):
             s.metrics = self.objective.validate()
             self.monitor.scalars(s.step, s.metrics)
+            for tag, picture in self.objective.pictures(self.objective.validation_split()).items():
+                self.monitor.image(s.step, tag, picture)
             log(self.rank, "val " + " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in s.metrics.items()))
         if s.step % t.save_every == 0 or s.step == t.steps:
             self.save()
@@ -292,6 +294,7 @@ class TrainingLoop:
 
     def export_and_summarise(self) -> int:
         s, t = self.state, self.t
+        self.record_run()
         self.objective.export(self.out, self.rank)
         train_s = time.perf_counter() - s.loop_start - s.overhead_s
         steps_this_run = s.step - s.start_step
@@ -304,6 +307,25 @@ class TrainingLoop:
         log(self.rank, f"done: exported {self.objective.export_name} to {self.out / self.objective.export_name} "
                        f"({train_s:.0f} s of training)")
         return finish(self.monitor, 0)
+
+
+    def record_run(self) -> None:
+        """TensorBoard's view of the whole run: the resolved config against the final validation
+        (HPARAMS), and the validation gallery in the student's space (PROJECTOR)."""
+        s = self.state
+        self.monitor.hparams(scalar_fields(self.cfg.to_dict()), s.metrics)
+        if self.objective.validation.split is None:
+            return
+        projection = self.objective.projection(self.objective.validation_split())
+        if projection is not None:
+            vectors, metadata, header, thumbnails = projection
+            self.monitor.embedding(s.step, "val_gallery", vectors, metadata, header, thumbnails)
+
+
+def scalar_fields(sections: dict) -> dict:
+    """`{"distill.alpha": 0.2, ...}`: every field as a number, bool or string (None as "none")."""
+    return {f"{section}.{name}": value if isinstance(value, (bool, int, float, str)) else str(value).lower()
+            for section, values in sections.items() for name, value in values.items()}
 
 
 def loader_skip_counts(loader, dev) -> dict:
