@@ -5,6 +5,7 @@
     python tools/make_shards.py --source coco        --input captions_val2017.json --images DIR --out DIR --split val
     python tools/make_shards.py --source csv         --input pairs.tsv|.csv|.jsonl --images ROOT --out DIR --split train
     python tools/make_shards.py --source img2dataset --input IMG2DATASET_DIR --out DIR --split train
+    python tools/make_shards.py --source csv ... --val-images N --test-images M   # val/test carved out
 
 Output (docs/ARCHITECTURE.md): `{out}/{split}-{NNNNN}.tar` with `{key}.jpg`, `{key}.txt` (first
 caption) and `{key}.json` per image; `{out}/{split}.json` manifest; `{out}/tokenizer/` trained on

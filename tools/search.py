@@ -53,6 +53,7 @@ def read_manifest(index_dir: Path) -> dict:
 def load_part(index_dir: Path, manifest: dict, part: str):
     """(faiss index, items) of the 'images' or 'captions' part, checked against the manifest."""
     import faiss
+    faiss.omp_set_num_threads(1)  # a few queries: a thread pool's wake-up costs more than the search
     files = manifest["files"]
     if part not in files:
         raise SearchError(f"{index_dir}: no {part} indexed (tools/index.py --captions FILE adds them)")

@@ -119,6 +119,10 @@ def check_teacher(cfg: RunConfig, spec: str) -> str:
     if spec in TEACHER_PRESETS:
         _needs_tokenizer(cfg, what, spec)
         return TEACHER_PRESETS[spec]["backend"]
+    if spec.startswith("scene-oracle:"):  # the synthetic scenes' ground truth, read from their shards
+        if not Path(spec.partition(":")[2]).is_dir():
+            raise ConfigError(f"{what} {spec!r}: shard folder {spec.partition(':')[2]} not found")
+        return "oracle"
     if spec.startswith("meter-") or spec.endswith(".ckpt"):
         from train.models.meter import PRESETS as METER_PRESETS
         preset, _, checkpoint = spec.partition(":")
