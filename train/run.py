@@ -109,9 +109,10 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 def main(argv=None) -> int:
     # The config and the preflight checks first, on every rank and before the process group starts
-    # (whatever the launcher): a bad flag, config, shard folder or spec is one line from rank 0.
+    # (whatever the launcher): a bad flag, config, shard folder or spec is one line, printed by the
+    # first rank to fail.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg: RunConfig = preflight.parse_run_flags(sys.argv[1:] if argv is None else argv, world_size)
+    cfg: RunConfig = preflight.parse_run_flags(argv, world_size)  # None: sys.argv, as argparse reads it
     warnings_found = preflight.check_run(cfg, world_size)
     t = cfg.train
     failure.set_run(t.out)  # a failure from here on has its run folder
@@ -307,7 +308,6 @@ class TrainingLoop:
         log(self.rank, f"done: exported {self.objective.export_name} to {self.out / self.objective.export_name} "
                        f"({train_s:.0f} s of training)")
         return finish(self.monitor, 0)
-
 
     def record_run(self) -> None:
         """TensorBoard's view of the whole run: the resolved config against the final validation
