@@ -4,7 +4,6 @@ Tests run on CPU with small tensors; one thread per process keeps 2-rank tests f
 the 2 cores (docs/platform_notes.md: 2 threads per rank made a small model 10x slower).
 """
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -13,8 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def pytest_configure(config):

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from train.models.presets import build_student, build_teacher
+from train.models.presets import build_student, build_teacher, load_student
 from train.models.student import DualEncoder, build_tower, register_tower
 from train.models.teacher import CrossEncoder
 
@@ -143,7 +143,8 @@ def test_transformers_saved_vilt_folder_is_a_teacher_spec(with_tokenizer, tokeni
     hf_model.save_pretrained(str(folder))
     if with_tokenizer:
         tokenizer.save_pretrained(str(folder))
-    teacher = build_teacher(str(folder), None if with_tokenizer else tokenizer_dir).eval()
+    # a folder without a tokenizer reads with --tokenizer FOLDER (never the shards' one in silence)
+    teacher = build_teacher(str(folder), tokenizer=None if with_tokenizer else tokenizer_dir).eval()
     assert teacher.backend == "vilt" and teacher.image_size == 32
     pixels, tokens = teacher_inputs(teacher, 2, scene_captions(2))
     with torch.no_grad():
@@ -156,8 +157,10 @@ def test_transformers_saved_vilt_folder_is_a_teacher_spec(with_tokenizer, tokeni
 def test_vilt_folder_without_any_tokenizer_is_refused(tokenizer, tmp_path):
     from transformers import ViltForImageAndTextRetrieval
     ViltForImageAndTextRetrieval(tiny_vilt_config(len(tokenizer))).save_pretrained(str(tmp_path / "v"))
-    with pytest.raises(ValueError, match="no tokenizer"):
+    with pytest.raises(ValueError, match="no tokenizer files.*--tokenizer FOLDER"):
         build_teacher(str(tmp_path / "v"))
+    with pytest.raises(ValueError, match="no tokenizer files"):  # the data tokenizer is no fallback
+        build_teacher(str(tmp_path / "v"), tokenizer_dir=tmp_path)
 
 
 def test_vilt_b32_preset_is_the_real_architecture():
@@ -221,7 +224,7 @@ def test_student_from_transformers_clip_folder(tokenizer, tokenizer_dir, tmp_pat
         projection_dim=16)
     clip = CLIPModel(config).eval()
     clip.save_pretrained(str(tmp_path / "clip"))
-    student = build_student(str(tmp_path / "clip"), tokenizer_dir)
+    student = build_student(str(tmp_path / "clip"), tokenizer=tokenizer_dir)
     assert student.cfg["image_size"] == 32 and student.cfg["embed_dim"] == 16
     pixels, tokens = check_student(student)
     student.eval()
@@ -231,7 +234,7 @@ def test_student_from_transformers_clip_folder(tokenizer, tokenizer_dir, tmp_pat
         torch.testing.assert_close(student.encode_image(pixels), torch.nn.functional.normalize(expected, dim=-1),
                                    atol=1e-5, rtol=1e-5)
     student.save_pretrained(tmp_path / "student")
-    assert_same_student_outputs(student, DualEncoder.from_pretrained(tmp_path / "student"), pixels, tokens)
+    assert_same_student_outputs(student, load_student(tmp_path / "student"), pixels, tokens)
 
 
 def test_student_from_vision_text_dual_encoder_folder(tokenizer, tokenizer_dir, tmp_path):
@@ -243,10 +246,10 @@ def test_student_from_vision_text_dual_encoder_folder(tokenizer, tokenizer_dir, 
         BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=37, max_position_embeddings=48), projection_dim=16)
     VisionTextDualEncoderModel(config=config).save_pretrained(str(tmp_path / "vtde"))
-    student = build_student(str(tmp_path / "vtde"), tokenizer_dir)
+    student = build_student(str(tmp_path / "vtde"), tokenizer=tokenizer_dir)
     pixels, tokens = check_student(student)
     student.save_pretrained(tmp_path / "student")
-    assert_same_student_outputs(student, DualEncoder.from_pretrained(tmp_path / "student"), pixels, tokens)
+    assert_same_student_outputs(student, load_student(tmp_path / "student"), pixels, tokens)
 
 
 def test_student_from_vilt_teacher_starts_from_its_weights(tokenizer_dir, tmp_path):
@@ -311,3 +314,17 @@ def test_cnn_image_tower_pools(pool):
     features = tower(torch.randn(3, 3, 64, 64))
     assert features.shape == (3, tower.width)
     features.sum().backward()
+
+
+def test_distillation_builds_its_teacher_without_moving_the_student_seed(tokenizer_dir, tmp_path):
+    # The distilled and the contrastive student must start from the same weights for one seed, or
+    # every comparison of the two stages carries an initialisation difference.
+    from train.objectives import build_teacher_aside
+    build_teacher("film-tiny", tokenizer_dir=tokenizer_dir).save_pretrained(tmp_path / "teacher")
+    torch.manual_seed(0)
+    contrastive = build_student("student-tiny", tokenizer_dir=tokenizer_dir)
+    torch.manual_seed(0)
+    teacher = build_teacher_aside(str(tmp_path / "teacher"), tokenizer_dir)
+    distilled = build_student("student-tiny", tokenizer_dir=tokenizer_dir, teacher=teacher)
+    for a, b in zip(contrastive.parameters(), distilled.parameters()):
+        assert torch.equal(a, b)

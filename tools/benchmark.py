@@ -34,9 +34,6 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from tools import benchmark_train

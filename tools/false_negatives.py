@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from train.eval_split import read_eval_split  # noqa: E402
 from train.evaluation import embed_split, student_scores  # noqa: E402
 from train.metrics import retrieval_metrics  # noqa: E402

@@ -33,9 +33,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 

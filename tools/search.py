@@ -22,9 +22,6 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 import torch
 

@@ -46,6 +46,9 @@ class DataConfig:
 class ModelConfig:
     teacher: Optional[str] = None   # preset, saved folder or hub id; distill default: DEFAULT_TEACHER
     student: str = "student-tiny"   # preset, saved folder, HF dual encoder, or "from-teacher"
+    # A tokenizer folder for a pretrained teacher / student saved without one (or replacing its own);
+    # never defaulted to the shards' tokenizer, which the model was not trained on.
+    tokenizer: Optional[str] = None
     teacher_zero: Optional[int] = None  # 0 or 3; default 3 when the world has more than one rank
 
 

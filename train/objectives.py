@@ -120,7 +120,8 @@ class StudentObjective(Objective):
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int, teacher=None):
         super().__init__(cfg, dev, rank, world)
         t = cfg.train
-        model = build_student(cfg.model.student, tokenizer_dir=tokenizer_dir(cfg), teacher=teacher)
+        model = build_student(cfg.model.student, tokenizer_dir=tokenizer_dir(cfg), teacher=teacher,
+                              tokenizer=cfg.model.tokenizer)
         self.model = model
         self.engine = ds_engine.build_student_engine(
             model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
@@ -163,11 +164,22 @@ class StudentObjective(Objective):
         return vectors, metadata, ["kind", "caption"], torch.cat([pictures, torch.ones_like(pictures)])
 
 
+def build_teacher_aside(spec, tokenizer_folder, tokenizer=None):
+    """The teacher, built with the global random state set aside and restored afterwards.
+
+    Building a teacher draws random numbers (its modules are initialised before its weights are
+    loaded); drawn from the global state they would give the distilled student another
+    initialisation than the contrastive student's with the same seed, a confound in every
+    comparison of the two stages (measured: different weights before this, equal after)."""
+    with torch.random.fork_rng(devices=[]):
+        return build_teacher(spec, tokenizer_dir=tokenizer_folder, tokenizer=tokenizer)
+
+
 class DistillObjective(StudentObjective):
     """DCD: the student proposes hard candidates from the pool, the frozen teacher ranks them."""
 
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
-        teacher = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        teacher = build_teacher_aside(cfg.model.teacher, tokenizer_dir(cfg), cfg.model.tokenizer)
         super().__init__(cfg, ds, dev, rank, world, teacher=teacher)
         self.teacher = teacher
         self.teacher_engine = ds_engine.build_teacher_engine(teacher, ds, cfg.model.teacher_zero)
@@ -234,7 +246,7 @@ class TeacherObjective(Objective):
     def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
         super().__init__(cfg, dev, rank, world)
         t = cfg.train
-        self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg))
+        self.model = build_teacher(cfg.model.teacher, tokenizer_dir=tokenizer_dir(cfg), tokenizer=cfg.model.tokenizer)
         self.engine = ds_engine.build_student_engine(
             self.model, ds, t.lr, t.weight_decay, t.warmup_steps, t.steps, t.schedule)
         self.loss_cfg = cfg.teacher_loss

@@ -4,13 +4,13 @@
 
 train/run.py runs these checks itself on every rank before its process group starts (whatever
 launched it: deepspeed, torchrun, accelerate, launch.sh), so that a bad flag, DeepSpeed config,
-shard folder or model spec is one line on the terminal (from rank 0) instead of N tracebacks from N
-ranks; launch.sh also runs this command first, so that a bad run starts no launcher at all. It loads no model weights and starts no
-process group: the config is parsed (train.config.parse_config with world_size=N), the DeepSpeed
+shard folder or model spec is one line on the terminal (from the first rank to fail) instead of N
+tracebacks from N ranks; launch.sh also runs this command first, so that a bad run starts no
+launcher at all. It loads no model weights and starts no process group: the config is parsed (train.config.parse_config with world_size=N), the DeepSpeed
 config read (engine.read_ds_config: not JSON, unknown ZeRO stage, a batch that does not divide), the
 split manifests and the shards they list checked (train.data.load_manifest), the --teacher /
---student specs resolved the way train/models/presets.py would (a preset, a folder with a
-config.json, or a hub id, only when it looks like one), and --resume matched to a checkpoint.
+--student specs parsed by train/models/presets.py's parse_spec (the grammar the builders use; a hub
+id's config is fetched, never weights), their tokenizers found, and --resume matched to a checkpoint.
 
 Exit 2 and `error: <one line>` on stderr at the first problem; `warning: <one line>` for what works
 but deserves a look (a split with fewer shards than ranks x loader workers); exit 0 otherwise.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -80,120 +79,77 @@ def tokenizer_folder(cfg: RunConfig) -> Path | None:
 
 # ---------------------------------------------------------------------------------------- models
 
-def _read_model_config(folder: Path, what: str) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{what} {folder}: a folder without config.json (not a saved model)")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{what} {folder}: config.json is not valid JSON ({_first_line(err)})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{what} {folder}: config.json is not a JSON object")
-    return config
-
-
-def _hub_model_type(spec: str, what: str) -> str | None:
-    """model_type of a hub id from its config alone (no weights); offline it fails in one line."""
-    try:
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(spec).model_type
-    except Exception as err:
-        raise ConfigError(f"{what} {spec!r}: not a preset or an existing folder, and as a hub id: "
-                          f"{_first_line(err)}") from None
-
-
 def _needs_tokenizer(cfg: RunConfig, what: str, spec: str) -> None:
     if tokenizer_folder(cfg) is None:
         raise ConfigError(f"{what} {spec!r} is a preset built on the data tokenizer, and "
                           f"{Path(cfg.data.shards) / 'tokenizer'} holds none (tools/make_shards.py writes it)")
 
 
+def _parse(spec: str, role: str):
+    """train/models/presets.py's parse_spec (the one grammar the builders use), errors as ConfigError."""
+    from train.models.presets import hub_model_type, parse_spec
+    try:
+        parsed = parse_spec(spec, role)
+        if parsed.form == "hub":
+            hub_model_type(parsed)
+    except ValueError as err:
+        raise ConfigError(_first_line(err)) from None
+    return parsed
+
+
+def _check_pretrained_tokenizer(cfg: RunConfig, parsed) -> None:
+    """A transformers folder reads with its own tokenizer or --tokenizer FOLDER, never the shards'."""
+    from train.models.common import has_tokenizer_files
+    override = cfg.model.tokenizer
+    if override is not None:
+        if not has_tokenizer_files(override):
+            raise ConfigError(f"--tokenizer {override}: no tokenizer files there (tokenizer.json, "
+                              f"vocab.txt, spiece.model, ...)")
+    elif parsed.form == "hf-folder" and not has_tokenizer_files(parsed.path):
+        raise ConfigError(f"--{parsed.role} {parsed.text} has no tokenizer files (tokenizer.json, "
+                          f"vocab.txt, spiece.model, ...): give --tokenizer FOLDER")
+
+
 def check_teacher(cfg: RunConfig, spec: str) -> str:
     """The teacher's backend ('film', 'vilt', 'meter', ...) read from its spec; ConfigError if the
     spec names nothing train/models/presets.py can build."""
-    from train.models.presets import TEACHER_PRESETS, _looks_like_hub_id
+    from train.models.presets import TEACHER_PRESETS, meter_tokenizer_dir
     what = "--teacher"
     if cfg.train.stage == "distill" and spec == DEFAULT_TEACHER and not Path(spec).exists():
         raise ConfigError(missing_default_teacher())  # the run's own message
-    if spec in TEACHER_PRESETS:
+    parsed = _parse(spec, "teacher")
+    _check_pretrained_tokenizer(cfg, parsed)
+    if parsed.form == "preset":
         _needs_tokenizer(cfg, what, spec)
         return TEACHER_PRESETS[spec]["backend"]
-    if spec.startswith("scene-oracle:"):  # the synthetic scenes' ground truth, read from their shards
-        if not Path(spec.partition(":")[2]).is_dir():
-            raise ConfigError(f"{what} {spec!r}: shard folder {spec.partition(':')[2]} not found")
-        return "oracle"
-    if spec.startswith("meter-") or spec.endswith(".ckpt"):
-        from train.models.meter import PRESETS as METER_PRESETS
-        preset, _, checkpoint = spec.partition(":")
-        if spec.endswith(".ckpt") and not checkpoint:
-            preset, checkpoint = "meter-clip16-roberta", spec
-        if preset not in METER_PRESETS:
-            raise ConfigError(f"{what} {spec!r}: unknown METER preset {preset!r} "
-                              f"(presets: {', '.join(sorted(METER_PRESETS))})")
-        if checkpoint and not Path(checkpoint).is_file():
-            raise ConfigError(f"{what} {spec!r}: checkpoint {checkpoint} not found")
-        if preset == "meter-tiny":
+    if parsed.form in ("meter", "meter-checkpoint"):
+        try:
+            meter_tokenizer_dir(parsed, None, cfg.model.tokenizer)
+        except ValueError as err:
+            raise ConfigError(_first_line(err)) from None
+        if parsed.name == "meter-tiny" and cfg.model.tokenizer is None:
             _needs_tokenizer(cfg, what, spec)
         return "meter"
-    path = Path(spec)
-    if path.is_dir():
-        config = _read_model_config(path, what)
-        if "backend" in config:
-            if not (path / "model.safetensors").is_file():
-                raise ConfigError(f"{what} {spec}: no model.safetensors beside its config.json")
-            return str(config["backend"])
-        if config.get("model_type") == "vilt":
-            return "vilt"
-        raise ConfigError(f"{what} {spec}: holds neither a saved teacher nor a ViLT model "
-                          f"(model_type {config.get('model_type')!r})")
-    if path.exists():
-        raise ConfigError(f"{what} {spec}: a file, not a model folder or preset")
-    if _looks_like_hub_id(spec):
-        model_type = _hub_model_type(spec, what)
-        if model_type != "vilt":
-            raise ConfigError(f"{what} hub id {spec!r} is a {model_type!r} model, not ViLT")
-        return "vilt"
-    raise ConfigError(f"unknown teacher spec {spec!r}: not a preset ({', '.join(TEACHER_PRESETS)}, "
-                      f"meter-*), an existing folder or a hub id")
+    if parsed.form == "project-folder":
+        return parsed.kind
+    return {"scene-oracle": "scene-oracle"}.get(parsed.form, "vilt")
 
 
 def check_student(cfg: RunConfig, spec: str, teacher_backend: str | None) -> str:
-    """What the student spec is ('preset', 'from-teacher', 'folder', 'hub'); ConfigError if nothing."""
-    from train.models.presets import STUDENT_PRESETS, _looks_like_hub_id
+    """The student spec's form ('preset', 'from-teacher', 'project-folder', 'hf-folder', 'hub');
+    ConfigError if it names nothing."""
     what = "--student"
-    if spec in STUDENT_PRESETS:
-        if cfg.train.stage != "distill":
-            _needs_tokenizer(cfg, what, spec)
-        return "preset"
-    if spec == "from-teacher":
+    parsed = _parse(spec, "student")
+    _check_pretrained_tokenizer(cfg, parsed)
+    if parsed.form == "preset" and cfg.train.stage != "distill" and cfg.model.tokenizer is None:
+        _needs_tokenizer(cfg, what, spec)
+    if parsed.form == "from-teacher":
         if cfg.train.stage != "distill":
             raise ConfigError(f"{what} from-teacher needs the distill stage (a teacher to copy towers from)")
         if teacher_backend not in ("vilt", "meter"):
             raise ConfigError(f"{what} from-teacher: teacher {cfg.model.teacher!r} is a {teacher_backend!r} "
                               f"model without unimodal towers; use student-tiny or an HF dual encoder")
-        return "from-teacher"
-    path = Path(spec)
-    if path.is_dir():
-        config = _read_model_config(path, what)
-        if config.get("backend") == "dual_encoder":
-            if not (path / "model.safetensors").is_file():
-                raise ConfigError(f"{what} {spec}: no model.safetensors beside its config.json")
-            return "folder"
-        if config.get("model_type") in ("clip", "vision-text-dual-encoder"):
-            return "folder"
-        raise ConfigError(f"{what} {spec}: holds neither a saved student nor a CLIP / "
-                          f"VisionTextDualEncoder model")
-    if path.exists():
-        raise ConfigError(f"{what} {spec}: a file, not a model folder or preset")
-    if _looks_like_hub_id(spec):
-        model_type = _hub_model_type(spec, what)
-        if model_type not in ("clip", "vision-text-dual-encoder"):
-            raise ConfigError(f"{what} hub id {spec!r} is a {model_type!r} model, not CLIP or "
-                              f"VisionTextDualEncoder")
-        return "hub"
-    raise ConfigError(f"unknown student spec {spec!r}: not a preset ({', '.join(STUDENT_PRESETS)}, "
-                      f"from-teacher), an existing folder or a hub id")
+    return parsed.form
 
 
 # ---------------------------------------------------------------------------------------- resume

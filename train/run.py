@@ -18,14 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
-if __package__ in (None, ""):  # `python train/run.py` and the deepspeed launcher run it as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 

@@ -9,9 +9,10 @@ a module before loading a folder that needs it). A tower is an nn.Module with `w
 pooled output) and `tower_config` (a JSON-able dict with "kind" and "modality"); an image tower's
 forward takes pixel_values, a text tower's takes (input_ids, attention_mask); both return [N, width].
 
-Kinds here: `cnn` (image, CPU), `transformer` and `gru` (text, CPU), `hf_clip` / `hf_vtde`
-(a transformers vision or text model built from its config; weights from a CLIPModel or
-VisionTextDualEncoderModel), `vilt` (ViLT's transformer run on image-only or text-only sequences).
+Kinds here: `cnn` (image, CPU), `transformer` and `gru` (text, CPU), `vilt` (ViLT's transformer
+run on image-only or text-only sequences); `hf_clip` / `hf_vtde` (a CLIPModel's or a
+VisionTextDualEncoderModel's towers) live in train/models/hf_dual.py, which also writes such a
+student back out as that model's own folder.
 """
 import json
 import math
@@ -21,14 +22,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train.models.common import (CLIP_MEAN, CLIP_STD, TOKENIZER_DIR, has_tokenizer_files,
-                                 load_tokenizer, load_weights, read_config, resize_and_normalize,
-                                 tokenize_captions, with_coordinates, write_model_folder)
+from train.models.common import (TOKENIZER_DIR, load_tokenizer, load_weights, read_project_config,
+                                 resize_crop_normalize, tokenize_captions, with_coordinates,
+                                 write_model_folder)
 
 # ----------------------------------------------------------------------------------------------
 # tower registry
 
 TOWER_KINDS = {}
+# Tower kind -> writer(student, folder), for students that go out as another library's own folder
+# (hf_clip -> CLIPModel, hf_vtde -> VisionTextDualEncoderModel: train/models/hf_dual.py).
+FOLDER_WRITERS = {}
 
 
 def register_tower(*kinds):
@@ -142,29 +146,7 @@ class GruTextTower(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# towers from transformers models
-
-@register_tower("hf_clip", "hf_vtde")
-class HfPooledTower(nn.Module):
-    """A transformers vision or text model (built from its config dict with AutoModel) whose
-    pooler_output is the tower's feature; the model's projection becomes the student's projection.
-    CLIPModel and VisionTextDualEncoderModel both hold exactly such models as vision_model/text_model."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        from transformers import AutoConfig, AutoModel
-        self.tower_config = dict(cfg)
-        hf_config = dict(cfg["hf_config"])
-        self.model = AutoModel.from_config(AutoConfig.for_model(hf_config.pop("model_type"), **hf_config))
-        self.width = self.model.config.hidden_size
-        self.is_image = cfg["modality"] == "image"
-
-    def forward(self, *inputs):
-        if self.is_image:
-            return self.model(pixel_values=inputs[0]).pooler_output
-        input_ids, attention_mask = inputs
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-
+# the ViLT tower (the hf_clip / hf_vtde towers: train/models/hf_dual.py)
 
 @register_tower("vilt")
 class ViltUnimodalTower(nn.Module):
@@ -282,8 +264,10 @@ class DualEncoder(nn.Module):
 
     # -- inputs
     def preprocess_images(self, pixels):
-        return resize_and_normalize(pixels, self.cfg["image_size"], self.cfg["image_mean"],
-                                    self.cfg["image_std"])
+        """uint8 [N,3,H,W] of any aspect: shorter side to image_size, centre crop (as the training
+        loader crops, and CLIPImageProcessor), mean/std."""
+        return resize_crop_normalize(pixels, self.cfg["image_size"], self.cfg["image_mean"],
+                                     self.cfg["image_std"])
 
     def tokenize(self, captions):
         return tokenize_captions(self.tokenizer, captions, self.cfg["max_length"])
@@ -303,12 +287,21 @@ class DualEncoder(nn.Module):
 
     # -- persistence: loadable with nothing from the trainer
     def save_pretrained(self, folder):
+        """The project's folder, or, for a student whose towers came from a transformers model,
+        that model's own folder (the writer its tower kind registered in FOLDER_WRITERS)."""
+        kinds = {self.cfg["image_tower"]["kind"], self.cfg["text_tower"]["kind"]}
+        writer = FOLDER_WRITERS.get(kinds.pop()) if len(kinds) == 1 else None
+        if writer is not None:
+            return writer(self, folder)
         write_model_folder(self, folder, self.cfg, self.tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder):
+        """A folder in the project's student format (train.models.presets.load_student also reads
+        the transformers folders a CLIP / VisionTextDualEncoder student is exported as)."""
         folder = Path(folder)
-        model = cls(read_config(folder), load_tokenizer(folder / TOKENIZER_DIR))
+        model = cls(read_project_config(folder, STUDENT_DEFAULTS["backend"]),
+                    load_tokenizer(folder / TOKENIZER_DIR))
         return load_weights(model, folder)
 
 
@@ -322,71 +315,6 @@ def student_from_config(config, tokenizer):
     config["text_tower"].setdefault("max_length", config.get("max_length", STUDENT_DEFAULTS["max_length"]))
     config["image_tower"].setdefault("image_size", config.get("image_size", STUDENT_DEFAULTS["image_size"]))
     return DualEncoder(config, tokenizer)
-
-
-def _image_processor_settings(folder, default_size, default_mean, default_std):
-    """Size and mean/std from a preprocessor_config.json (crop size wins: it is what the model sees)."""
-    size, mean, std = default_size, default_mean, default_std
-    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
-    if path is not None and path.is_file():
-        processor = json.loads(path.read_text())
-        declared = processor.get("crop_size") or processor.get("size") or size
-        if isinstance(declared, dict):
-            declared = declared.get("shortest_edge") or declared.get("height") or size
-        size = declared
-        mean, std = processor.get("image_mean", mean), processor.get("image_std", std)
-    return int(size), list(mean), list(std)
-
-
-def _hf_tokenizer(name_or_folder, tokenizer_dir):
-    folder = Path(name_or_folder)
-    if folder.is_dir() and has_tokenizer_files(folder):
-        return load_tokenizer(folder)
-    if not folder.is_dir():
-        try:
-            return load_tokenizer(name_or_folder)
-        except (OSError, ValueError):  # no tokenizer in that hub repo (or no hub): use the data one
-            pass
-    if tokenizer_dir is None:
-        raise ValueError(f"{name_or_folder} has no tokenizer and no data tokenizer was given")
-    return load_tokenizer(tokenizer_dir)
-
-
-def _student_from_hf_dual(hf_model, vision_model, text_model, name_or_folder, tokenizer_dir, kind,
-                          default_mean, default_std):
-    """Shared by CLIP and VisionTextDualEncoder: towers, projections and temperature copied over."""
-    vision_config = vision_model.config.to_dict()
-    text_config = text_model.config.to_dict()
-    image_tower = build_tower({"kind": kind, "modality": "image", "hf_config": vision_config})
-    text_tower = build_tower({"kind": kind, "modality": "text", "hf_config": text_config})
-    image_tower.model.load_state_dict(vision_model.state_dict())
-    text_tower.model.load_state_dict(text_model.state_dict())
-    local = Path(name_or_folder).is_dir()
-    size, mean, std = _image_processor_settings(name_or_folder if local else None,
-                                                vision_model.config.image_size, default_mean, default_std)
-    config = dict(embed_dim=hf_model.config.projection_dim, projection_bias=False, image_size=size,
-                  image_mean=mean, image_std=std,
-                  max_length=getattr(text_model.config, "max_position_embeddings", 77))
-    student = DualEncoder(config, _hf_tokenizer(name_or_folder, tokenizer_dir), image_tower, text_tower)
-    student.image_proj.load_state_dict(hf_model.visual_projection.state_dict())
-    student.text_proj.load_state_dict(hf_model.text_projection.state_dict())
-    with torch.no_grad():
-        student.logit_scale.copy_(hf_model.logit_scale.detach().reshape(1))
-    return student
-
-
-def student_from_hf_clip(name_or_folder, tokenizer_dir=None):
-    from transformers import CLIPModel
-    clip = CLIPModel.from_pretrained(str(name_or_folder))
-    return _student_from_hf_dual(clip, clip.vision_model, clip.text_model, name_or_folder,
-                                 tokenizer_dir, "hf_clip", CLIP_MEAN, CLIP_STD)
-
-
-def student_from_hf_vtde(name_or_folder, tokenizer_dir=None):
-    from transformers import VisionTextDualEncoderModel
-    vtde = VisionTextDualEncoderModel.from_pretrained(str(name_or_folder))
-    return _student_from_hf_dual(vtde, vtde.vision_model, vtde.text_model, name_or_folder,
-                                 tokenizer_dir, "hf_vtde", [0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
 
 
 def student_from_vilt_teacher(teacher, embed_dim=256):

@@ -6,22 +6,30 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from train.models.common import TOKENIZER_DIR, has_tokenizer_files, load_tokenizer, load_weights, read_config
+from train.models.common import (TOKENIZER_DIR, load_tokenizer, load_weights, normalize, read_config,
+                                 read_project_config, require_tokenizer, resize_like_pil,
+                                 write_processor_config)
 from train.models.teacher import CrossEncoder, register_teacher
 
 VILT_MEAN = [0.5, 0.5, 0.5]
 VILT_STD = [0.5, 0.5, 0.5]
+PROCESSOR_NAME = "preprocessor_config.json"
+# ViltImageProcessor's longest side for a given shorter one: 1333/800 of it (its DETR heritage).
+VILT_LONGER_RATIO = 1333 / 800
 
 
-def vilt_image_settings(folder, vilt_config):
-    """Shorter side and mean/std from the folder's preprocessor_config.json (ViLT's processor:
-    384 px, mean/std 0.5) when there is one, else the model's own image size."""
+def read_processor_config(folder):
+    """The folder's preprocessor_config.json as a dict, or None (hub ids, folders without one)."""
+    path = Path(folder) / PROCESSOR_NAME if folder is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def vilt_image_settings(processor, vilt_config):
+    """Shorter side and mean/std from a preprocessor_config dict (ViLT's processor: 384 px,
+    mean/std 0.5) when there is one, else the model's own image size."""
     size, mean, std = vilt_config.image_size, VILT_MEAN, VILT_STD
-    path = Path(folder) / "preprocessor_config.json" if folder is not None else None
-    if path is not None and path.is_file():
-        processor = json.loads(path.read_text())
+    if processor is not None:
         declared = processor.get("size", size)
         size = declared.get("shortest_edge", size) if isinstance(declared, dict) else declared
         mean = processor.get("image_mean", mean)
@@ -50,7 +58,9 @@ class ViltCrossEncoder(CrossEncoder):
     backend = "vilt"
 
     def __init__(self, vilt_model, tokenizer, image_size=None, image_mean=VILT_MEAN,
-                 image_std=VILT_STD, masked_word_head=False):
+                 image_std=VILT_STD, masked_word_head=False, processor_config=None):
+        """processor_config: the image processor's settings of a teacher that came from a
+        transformers folder or hub id; such a teacher is saved back as that model's own folder."""
         vilt_config = vilt_model.config
         max_length = vilt_config.max_position_embeddings
         super().__init__(tokenizer, max_length, image_size or vilt_config.image_size, image_mean, image_std)
@@ -61,6 +71,7 @@ class ViltCrossEncoder(CrossEncoder):
         self.word_head = (VisionLanguageMlmHead(vilt_config.hidden_size, vilt_config.vocab_size,
                                                 vilt_config.layer_norm_eps)
                           if masked_word_head else None)
+        self.processor_config = processor_config
 
     @property
     def has_masked_word_head(self):
@@ -89,22 +100,10 @@ class ViltCrossEncoder(CrossEncoder):
         return self.word_head(text_states)
 
     def preprocess_images(self, pixels):
-        """ViLT's processor: shorter side to image_size, longer side scaled (at most 1333/800 of it),
-        both rounded down to a multiple of the patch size; mean/std 0.5."""
-        h, w = pixels.shape[-2:]
-        if h == w:
-            return super().preprocess_images(pixels)
-        patch = self.vilt_config.patch_size
-        short, long = (h, w) if h < w else (w, h)
-        new_short = self.image_size
-        new_long = min(int(long * new_short / short), int(new_short * 1333 / 800))
-        new_short, new_long = (max(patch, new_short // patch * patch), max(patch, new_long // patch * patch))
-        size = (new_short, new_long) if h < w else (new_long, new_short)
-        x = F.interpolate(pixels.float() / 255.0, size=size, mode="bilinear", align_corners=False,
-                          antialias=True)
-        mean = torch.tensor(self.image_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.image_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        """ViltImageProcessor's resize: shorter side to image_size, longer side scaled (at most
+        1333/800 of it), both rounded down to a multiple of the patch size, bicubic; mean/std."""
+        size = vilt_resize_size(*pixels.shape[-2:], self.image_size, self.vilt_config.patch_size)
+        return normalize(resize_like_pil(pixels, size) / 255.0, self.image_mean, self.image_std)
 
     def config_dict(self):
         return {"vilt_config": self.vilt_config.to_dict(), "image_size": self.image_size,
@@ -120,9 +119,13 @@ class ViltCrossEncoder(CrossEncoder):
 
     @classmethod
     def from_pretrained(cls, folder):
-        """A folder written by our save_pretrained (config.json with backend "vilt")."""
+        """A folder written by save_pretrained: this project's format (backend "vilt"), or the
+        transformers folder a teacher that came from transformers is exported as."""
         folder = Path(folder)
         config = read_config(folder)
+        if "backend" not in config and config.get("model_type") == "vilt":
+            return cls.from_transformers(folder)
+        config = read_project_config(folder, cls.backend)
         model = cls.from_config(config["vilt_config"], load_tokenizer(folder / TOKENIZER_DIR),
                                 masked_word_head=config.get("masked_word_head", False),
                                 image_size=config["image_size"], image_mean=config["image_mean"],
@@ -130,20 +133,53 @@ class ViltCrossEncoder(CrossEncoder):
         return load_weights(model, folder)
 
     @classmethod
-    def from_transformers(cls, name_or_folder, tokenizer_dir=None):
-        """Any ViLT retrieval checkpoint transformers can load (hub id or its own saved folder).
-        Its tokenizer: the BERT tokenizer saved beside it when present, else the data tokenizer."""
+    def from_transformers(cls, name_or_folder, tokenizer=None):
+        """Any ViLT retrieval checkpoint transformers can load (hub id or its own saved folder), with
+        its own tokenizer, or the one in the `tokenizer` folder (--tokenizer) when given."""
         from transformers import ViltForImageAndTextRetrieval
         vilt = ViltForImageAndTextRetrieval.from_pretrained(str(name_or_folder))
-        folder = Path(name_or_folder)
-        local = folder.is_dir()
-        if local and has_tokenizer_files(folder):
-            tokenizer = load_tokenizer(folder)
-        elif not local:
-            tokenizer = load_tokenizer(name_or_folder)
-        elif tokenizer_dir is not None:
-            tokenizer = load_tokenizer(tokenizer_dir)
-        else:
-            raise ValueError(f"ViLT folder {folder} has no tokenizer and no data tokenizer was given")
-        size, mean, std = vilt_image_settings(folder if local else None, vilt.config)
-        return cls(vilt, tokenizer, image_size=size, image_mean=mean, image_std=std)
+        words = require_tokenizer(name_or_folder, tokenizer, "ViLT teacher")
+        local = Path(name_or_folder).is_dir()
+        processor = read_processor_config(name_or_folder if local else None)
+        if processor is None:
+            processor = vilt_processor_config(vilt.config.image_size, VILT_MEAN, VILT_STD,
+                                              vilt.config.patch_size)
+        size, mean, std = vilt_image_settings(processor, vilt.config)
+        return cls(vilt, words, image_size=size, image_mean=mean, image_std=std,
+                   processor_config=processor)
+
+    def save_pretrained(self, folder):
+        """A teacher that came from transformers goes back out as a ViltForImageAndTextRetrieval
+        folder with its processor (image processor + tokenizer), for plain transformers; the
+        project's own ViLT (presets, masked-word head) keeps the project's format."""
+        if self.processor_config is None:
+            return super().save_pretrained(folder)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(folder))
+        processor = dict(self.processor_config, image_mean=list(self.image_mean),
+                         image_std=list(self.image_std), size={"shortest_edge": self.image_size})
+        write_processor_config(folder, processor)
+        self.tokenizer.save_pretrained(str(folder))
+
+
+def vilt_processor_config(image_size, mean, std, size_divisor):
+    """ViltImageProcessor's settings, for a teacher whose folder had none."""
+    return {"image_processor_type": "ViltImageProcessor", "do_resize": True, "do_rescale": True,
+            "do_normalize": True, "do_pad": True, "resample": 3, "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": image_size}, "size_divisor": size_divisor,
+            "image_mean": list(mean), "image_std": list(std)}
+
+
+def vilt_resize_size(height, width, shorter, size_divisor):
+    """ViltImageProcessor's output size (its get_resize_output_image_size)."""
+    longer = int(VILT_LONGER_RATIO * shorter)
+    scale = shorter / min(height, width)
+    if height < width:
+        new_height, new_width = shorter, scale * width
+    else:
+        new_height, new_width = scale * height, shorter
+    if max(new_height, new_width) > longer:
+        scale = longer / max(new_height, new_width)
+        new_height, new_width = new_height * scale, new_width * scale
+    new_height, new_width = int(new_height + 0.5), int(new_width + 0.5)
+    return new_height // size_divisor * size_divisor, new_width // size_divisor * size_divisor
