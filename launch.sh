@@ -63,7 +63,7 @@ fi
 if [ ${#TRAIN_ARGS[@]} -gt 0 ]; then
   # One stage, as users type it: everything else goes to train/run.py. Bad flags, configs or data
   # are reported in one line here, before the launcher spawns any rank.
-  if [ -f train/preflight.py ]; then python -m train.preflight --ranks "$RANKS" "${TRAIN_ARGS[@]}"; fi
+  if [ -f train/preflight.py ]; then python -m train.preflight --no-warnings --ranks "$RANKS" "${TRAIN_ARGS[@]}"; fi
   exec "${DS_LAUNCH[@]}" train/run.py "${TRAIN_ARGS[@]}"
 fi
 

@@ -194,3 +194,36 @@ def run_env(**extra) -> dict:
 def two_rank_command(args) -> list:
     """`deepspeed --num_gpus 2 train/run.py ARGS` on a free master port."""
     return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "train/run.py", *args]
+
+
+PHOTO_COLOURS = {"red": (200, 30, 30), "green": (30, 160, 60), "blue": (40, 60, 200), "yellow": (220, 200, 40)}
+
+
+def make_photo_folder(root: Path, count: int = 24, nested: bool = True) -> tuple:
+    """(image folder, CSV of captions): `count` non-square photos-like pictures (a coloured disc or
+    box on a noisy background, 48x32 to 80x56, JPEG and PNG, some in sub-folders), each with a
+    caption naming its colour and shape. Real formats only: what a user's camera folder holds."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(0)
+    images = root / "photos"
+    rows = []
+    for i in range(count):
+        colour = list(PHOTO_COLOURS)[i % len(PHOTO_COLOURS)]
+        shape = ("disc", "box")[(i // len(PHOTO_COLOURS)) % 2]
+        w, h = int(rng.integers(48, 81)), int(rng.integers(32, 57))
+        noise = rng.integers(90, 160, size=(h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(noise, "RGB")
+        box = [w // 4, h // 4, 3 * w // 4, 3 * h // 4]
+        draw = ImageDraw.Draw(img)
+        (draw.ellipse if shape == "disc" else draw.rectangle)(box, fill=PHOTO_COLOURS[colour])
+        name = f"{'trip' + str(i % 3) + '/' if nested else ''}img{i:03d}.{'png' if i % 5 == 0 else 'jpg'}"
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        img.save(images / name)
+        rows.append((name, f"a {colour} {shape} on a grey background"))
+    table = root / "photos.csv"
+    with open(table, "w", newline="") as f:
+        import csv
+        writer = csv.writer(f)
+        writer.writerow(["image", "caption"])
+        writer.writerows(rows)
+    return images, table

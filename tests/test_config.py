@@ -111,3 +111,43 @@ def test_teacher_loss_flags_reach_the_teacher_stage_recipe():
         recipe.caption_loss_weight, recipe.mlm_weight)
     cfg = parse_config(["--stage", "teacher", "--similar-negatives", "2", "--perturbed-negative", "false"])
     assert cfg.teacher_loss.similar_negatives == 2 and cfg.teacher_loss.perturbed_negative is False
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"distill": {"alpha": "0.5"}}, "field 'distill.alpha' is \"0.5\" (str); expected a number"),
+    ({"train": {"steps": "100"}}, "field 'train.steps' is \"100\" (str); expected an integer or null"),
+    ({"steps": 2.5}, "field 'train.steps' is 2.5 (float)"),
+    ({"twins_in_batch": 1}, "field 'data.twins_in_batch' is 1 (int); expected true or false"),
+    ({"weighting": "soft"}, "field 'distill.weighting' is \"soft\"; use entropy, wsl or none"),
+    ({"model": {"teacher_zero": 2}}, "field 'model.teacher_zero' is 2; use 0 or 3"),
+])
+def test_config_file_values_are_checked_against_each_fields_type_and_choices(tmp_path, values, expected):
+    path = _write(tmp_path, values, "run.json")
+    with pytest.raises(ConfigError) as err:
+        parse_config(["--config", str(path)])
+    assert str(err.value) == f"{path}: {expected}" or str(err.value).startswith(f"{path}: {expected}")
+    assert "\n" not in str(err.value)
+
+
+def test_config_file_numbers_convert_where_exact(tmp_path):
+    cfg = parse_config(["--config", str(_write(tmp_path, {"alpha": 1, "teacher": None, "steps": 7}, "ok.json"))])
+    assert cfg.distill.alpha == 1.0 and isinstance(cfg.distill.alpha, float) and cfg.train.steps == 7
+
+
+def test_eval_every_zero_turns_validation_off_and_negative_is_refused():
+    assert parse_config(["--eval-every", "0"]).train.eval_every == 0
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        parse_config(["--eval-every", "-1"])
+
+
+def test_a_precision_this_machine_cannot_run_is_refused_up_front(tmp_path):
+    from train.engine import check_precision
+    for precision in ("bf16", "fp16"):
+        path = _write(tmp_path, {"train_micro_batch_size_per_gpu": 8, precision: {"enabled": True}})
+        with pytest.raises(ConfigError, match=rf"field '{precision}.enabled' is true, but this machine has no GPU"):
+            check_precision(json.loads(path.read_text()), path, has_gpu=False)
+        check_precision(json.loads(path.read_text()), path, has_gpu=True)  # a GPU runs it
+    autocast = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "bf16": {"enabled": False}}
+    check_precision(autocast, tmp_path / "autocast.json", has_gpu=False)  # bf16 compute on CPU: fine
+    with pytest.raises(ConfigError, match="'bf16.enabled' is 'yes'"):
+        check_precision({"bf16": {"enabled": "yes"}}, tmp_path / "x.json", has_gpu=False)

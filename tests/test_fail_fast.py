@@ -254,14 +254,16 @@ def test_injected_fault_ends_the_job(tmp_path, shards, launcher, fault):
 
 @pytest.mark.slow
 def test_the_issues_two_hangs_end_at_once_under_both_launchers(tmp_path, shards):
-    """The reported cases, no hook: no val.json (every rank fails at the first validation), under
+    """The reported cases, no hook: a val split that reads as nothing (every rank fails at the first
+    validation; a missing val.json no longer fails at all: train/validation_source.py), under
     torchrun; `{out}/checkpoints` a file (the first save fails), under deepspeed."""
     import shutil
-    no_val = tmp_path / "no_val"
-    shutil.copytree(shards, no_val)
-    (no_val / "val.json").unlink()
-    job = run_job("torchrun", job_args(no_val, tmp_path / "a"), limit=JOB_LIMIT_S + 60)
-    check_failed(job, f"FileNotFoundError: no manifest {no_val / 'val.json'}")
+    bad_val = tmp_path / "bad_val"
+    shutil.copytree(shards, bad_val)
+    for shard in bad_val.glob("val-*.tar"):
+        shard.write_bytes(b"\x00 not a tar file" * 100)  # listed and present: only reading finds out
+    job = run_job("torchrun", job_args(bad_val, tmp_path / "a"), limit=JOB_LIMIT_S + 60)
+    check_failed(job, "ValueError: no images in val")
 
     out = tmp_path / "b"
     out.mkdir()

@@ -272,13 +272,22 @@ def test_preflight_bad_specs_data_and_resume(tmp_path, clean_shards, capsys):
     missing_shard = tmp_path / "missing_shard"
     make_synthetic_shards(missing_shard, train=16, val=8, maxcount=8, image_size=32)
     (missing_shard / "train-00001.tar").unlink()
-    no_val = tmp_path / "no_val"
-    make_synthetic_shards(no_val, train=16, val=8, maxcount=8, image_size=32)
-    (no_val / "val.json").unlink()
+    tiny_no_val = tmp_path / "no_val"
+    make_synthetic_shards(tiny_no_val, train=16, val=8, maxcount=8, image_size=32)
+    (tiny_no_val / "val.json").unlink()
     for shards, expected in [(tmp_path / "nowhere", "shard folder not found"),
-                             (missing_shard, "shard listed in"), (no_val, "no manifest for split 'val'")]:
+                             (missing_shard, "shard listed in"), (tiny_no_val, "too small to hold 8 out")]:
         code, lines = preflight(capsys, "--ranks", "2", "--stage", "student", "--shards", str(shards))
         assert code == 2 and len(lines) == 1 and expected in lines[0], lines
+    # no val split: validation on a held-out slice of train (one warning line), or none at all
+    no_val = tmp_path / "no_val_big"
+    make_synthetic_shards(no_val, train=96, val=8, maxcount=48, image_size=32, tokenizer=True)
+    (no_val / "val.json").unlink()
+    code, lines = preflight(capsys, "--ranks", "1", "--stage", "student", "--shards", str(no_val))
+    assert code == 0 and len(lines) == 1 and "no split 'val': validating on the first 9 images" in lines[0]
+    code, lines = preflight(capsys, "--ranks", "1", "--stage", "student", "--shards", str(no_val),
+                            "--eval-every", "0")
+    assert code == 0 and lines == []
 
     # 4 shards for 2 ranks x 4 workers: works, split by sample, and says so in one line
     code, lines = preflight(capsys, *base, "--stage", "student", "--num-workers", "4")

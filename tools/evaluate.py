@@ -169,7 +169,7 @@ def human_report(result: dict, args) -> str:
 def preview_grids(split: EvalSplit, by_image: torch.Tensor, by_caption: torch.Tensor):
     """Two pictures: caption queries with their top images (green frame = the caption's own image),
     and image queries with their top captions written under the image (green = its own caption)."""
-    from tools.search import TILE, framed, stack, text_tile, to_pil
+    from train.pictures import TILE, framed, stack, text_tile, to_pil
     picks = lambda count: sorted({int(i) for i in torch.linspace(0, count - 1, PREVIEW_QUERIES)})  # noqa
     caption_rows = []
     for t in picks(split.num_captions):

@@ -5,6 +5,7 @@
     python tools/make_shards.py --source coco        --input captions_val2017.json --images DIR --out DIR --split val
     python tools/make_shards.py --source csv         --input pairs.tsv|.csv|.jsonl --images ROOT --out DIR --split train
     python tools/make_shards.py --source img2dataset --input IMG2DATASET_DIR --out DIR --split train
+    python tools/make_shards.py --source csv ... --val-images N --test-images M   # val/test carved out
 
 Output (docs/ARCHITECTURE.md): `{out}/{split}-{NNNNN}.tar` with `{key}.jpg`, `{key}.txt` (first
 caption) and `{key}.json` per image; `{out}/{split}.json` manifest; `{out}/tokenizer/` trained on
@@ -29,77 +30,18 @@ import os
 import sys
 import tarfile
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from tools.shard_sources import SOURCES, InputError, Item, sample_key
+from tools.image_codec import encode_image
+from tools.shard_sources import SOURCES, InputError, Item, carve_splits, sample_key
 
 log = logging.getLogger("make_shards")
 
-MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhaust memory
-MAX_ASPECT = 20.0
 SKIP_EXAMPLES = 5  # how many skipped items of each reason to name in the log
-
-
-# ---------------------------------------------------------------- images
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: grayscale, 16-bit, palette, RGBA (on white), CMYK, ..."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
-def encode_image(data, max_side: int | None, quality: int) -> tuple:
-    """(jpeg bytes, (width, height)) or raises ValueError with a skip reason.
-
-    A valid RGB JPEG that needs no resizing is stored as is (no second lossy encoding).
-    """
-    if isinstance(data, np.ndarray):
-        img = Image.fromarray(data)
-        data = None
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                if img.width * img.height > MAX_PIXELS:
-                    raise ValueError("image_too_large")
-                img.load()  # full decode: catches truncated files that open() accepts
-        except ValueError:
-            raise
-        except Exception:
-            raise ValueError("unreadable_image")
-    w, h = img.size
-    if w < 2 or h < 2 or max(w, h) / min(w, h) > MAX_ASPECT:
-        raise ValueError("bad_image_size")
-    scale = max_side / min(w, h) if max_side and min(w, h) > max_side else 1.0
-    if data is not None and scale == 1.0 and img.format == "JPEG" and img.mode == "RGB":
-        return data, (w, h)
-    img = to_rgb(img)
-    if scale != 1.0:
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC,
-                         reducing_gap=3.0)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), img.size
 
 
 def encode_item(item: Item, max_side: int | None, quality: int):
@@ -393,8 +335,10 @@ def parse_args(argv=None):
     p.add_argument("--images", help="image folder (karpathy, coco) or root of relative paths (csv)")
     p.add_argument("--split", default="train", help="split name for coco, csv and img2dataset")
     p.add_argument("--train-images", type=int, default=20000)
-    p.add_argument("--val-images", type=int, default=1000)
-    p.add_argument("--test-images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=None,
+                   help="synthetic: val size (default 1000); other sources: images carved out of the "
+                        "train split into a val split, the same ones every run (by a hash of the key)")
+    p.add_argument("--test-images", type=int, default=None, help="the same for a test split")
     p.add_argument("--image-size", type=int, default=64, help="synthetic image size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--captions", default="specific", choices=("specific", "partial"),
@@ -414,6 +358,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.source != "synthetic" and not args.input:
         p.error(f"--input is required for --source {args.source}")
+    if args.source == "synthetic":
+        args.val_images = 1000 if args.val_images is None else args.val_images
+        args.test_images = 1000 if args.test_images is None else args.test_images
     return args
 
 
@@ -421,6 +368,9 @@ def run(args) -> dict:
     out = Path(args.out)
     sources = SOURCES[args.source](args)
     source_counts = sources.pop("__source_counts__", Counter())
+    carve = {s: n for s, n in (("val", args.val_images), ("test", args.test_images)) if n}
+    if carve and args.source != "synthetic":
+        sources = carve_splits(sources, args.split, carve, args.seed)
     out.mkdir(parents=True, exist_ok=True)
     train_captions = []
     want_tokenizer = not args.no_tokenizer

@@ -5,6 +5,8 @@ one function here and one entry in SOURCES.
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -314,6 +316,54 @@ def img2dataset_source(args) -> dict:
                 index += 1
 
     return {args.split: (units, total), "__source_counts__": source_counts}
+
+
+# ---------------------------------------------------------------- val / test carved out of one split
+
+def key_rank(image_id: int, seed: int) -> str:
+    """Where an image falls in the carving order: a hash of its sample key, so the same images go to
+    val and test on every run, whatever order the source lists them in and however many there are."""
+    return hashlib.sha1(f"{seed}:{sample_key(image_id)}".encode()).hexdigest()
+
+
+def subset_units(make_units, keep: Callable[[int], bool]):
+    """The units of `make_units` whose index `keep` accepts, renumbered from 0 (so --resume's start
+    counts this split's units)."""
+    def units(start=0):
+        kept = (unit for index, unit in enumerate(make_units(0)) if keep(index))
+        return itertools.islice(kept, start, None)
+    return units
+
+
+def carve_splits(splits: dict, source_split: str, sizes: dict, seed: int) -> dict:
+    """`splits` with `sizes` ({"val": N, "test": M}) images moved out of `source_split` into splits of
+    their own, chosen by key_rank: whole units (a unit's images stay together), at least N images
+    each. One pass over the source's items to read their ids; images are not loaded."""
+    if source_split not in splits:
+        raise InputError(f"--val-images / --test-images carve from the '{source_split}' split, which this "
+                         f"source does not write (it writes {', '.join(sorted(splits))})")
+    clash = sorted(set(sizes) & set(splits))
+    if clash:
+        raise InputError(f"the source has its own '{clash[0]}' split; drop --{clash[0]}-images")
+    make_units, _ = splits[source_split]
+    ranked = sorted((key_rank(unit[0].image_id, seed), index, len(unit))
+                    for index, unit in enumerate(make_units(0)) if unit)
+    available = sum(size for _, _, size in ranked)
+    out, position, carved = dict(splits), 0, set()
+    for split, wanted in sizes.items():
+        taken, count = set(), 0
+        while count < wanted and position < len(ranked):
+            _, index, size = ranked[position]
+            taken.add(index)
+            count += size
+            position += 1
+        if count < wanted or position >= len(ranked):
+            raise InputError(f"--{split}-images {wanted}: the source has {available} images, too few to "
+                             f"carve {' and '.join(f'{n} {s}' for s, n in sizes.items())} and keep any for training")
+        carved |= taken
+        out[split] = (subset_units(make_units, taken.__contains__), len(taken))
+    out[source_split] = (subset_units(make_units, lambda index: index not in carved), len(ranked) - len(carved))
+    return out
 
 
 SOURCES = {"synthetic": synthetic_source, "karpathy": karpathy_source, "coco": coco_source,

@@ -113,7 +113,7 @@ class TrainConfig:
     resume: Optional[str] = None         # "latest" or a checkpoint tag
     save_every: int = 200
     keep_checkpoints: int = 2
-    eval_every: int = 200
+    eval_every: int = 200                # 0: no validation
     eval_images: int = 200               # validation gallery size for val/* during training
     log_every: int = 10
     max_bad_steps: int = 20              # consecutive non-finite losses before the run stops
@@ -255,8 +255,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The fields with a fixed set of values: a file's value is checked against them where it is read (the
+# error names the file); resolve() checks them again for flags, after stage defaults fill the Nones.
+FIELD_CHOICES = {"stage": STAGES, "schedule": ("cosine", "linear"), "weighting": WEIGHTING_SCHEMES,
+                 "kd_loss": KD_KINDS, "objective": OBJECTIVES, "negatives_from": ("teacher", "random"),
+                 "teacher_zero": (0, 3)}
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def checked_value(name: str, value, tp, origin: str, section: str):
+    """A file's value for field `section.name` of type `tp`, or a one-line ConfigError naming both.
+
+    A JSON file has types, so a string where a number belongs ("0.5") is an error, not a guess;
+    an integer where a float belongs is the same number. None is allowed for Optional fields."""
+    where = f"{origin}: field '{section}.{name}'"
+    optional = get_origin(tp) is not None and type(None) in get_args(tp)
+    base = _base_type(tp)
+    if value is None and optional:
+        return value
+    exact = type(value) is base or (base is float and type(value) is int)
+    if not exact:
+        raise ConfigError(f"{where} is {json.dumps(value)} ({type(value).__name__}); "
+                          f"expected {_TYPE_NAMES.get(base, base.__name__)}"
+                          + (" or null" if optional else ""))
+    choices = FIELD_CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} is {json.dumps(value)}; use {_one_of(tuple(map(str, choices)))}")
+    return float(value) if base is float else value
+
+
 def _apply(cfg: RunConfig, values: dict, origin: str) -> None:
+    """Values from a file (checked against each field's type and choices) or from the parsed flags
+    (argparse already converted and checked them)."""
     index = _field_index()
+    from_flags = origin == "command line"
     for key, value in values.items():
         if key in ("config", "local_rank"):
             continue
@@ -265,7 +298,9 @@ def _apply(cfg: RunConfig, values: dict, origin: str) -> None:
             continue
         if key not in index:
             raise ConfigError(f"{origin}: unknown config field '{key}'")
-        section_name, _ = index[key]
+        section_name, tp = index[key]
+        if not from_flags:
+            value = checked_value(key, value, tp, origin, section_name)
         setattr(getattr(cfg, section_name), key, value)
 
 
@@ -311,9 +346,11 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     if dist.hard_negatives > dist.candidates:
         raise ConfigError(f"distill.hard_negatives ({dist.hard_negatives}) must not exceed "
                           f"distill.candidates ({dist.candidates})")
-    for name in ("steps", "batch_size", "save_every", "eval_every", "log_every"):
+    for name in ("steps", "batch_size", "save_every", "log_every", "eval_images"):
         if getattr(t, name) is not None and getattr(t, name) <= 0:
             raise ConfigError(f"train.{name}: must be positive, got {getattr(t, name)}")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every: must be 0 (no validation) or positive, got {t.eval_every}")
     return cfg
 
 

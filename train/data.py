@@ -140,8 +140,10 @@ def slot_of(rank: int, world_size: int, start_batch: int) -> tuple:
     return rank * workers + logical, world_size * workers, logical, workers
 
 
-def slot_samples(paths: list, counts: list, rank: int, world_size: int, start_batch: int, seed: int):
+def slot_samples(paths: list, counts: list, rank: int, world_size: int, start_batch: int, seed: int,
+                 held_out: int = 0):
     """Raw samples of this slot, pass after pass, with `__pass__`; shard order reshuffled per pass.
+    The first `held_out` samples of the split (in manifest order) are never yielded: they validate.
 
     Enough shards: slot s reads shards s, s+slots, ... Fewer shards than slots: every slot reads all
     shards and keeps the samples whose unit (twin group, else index in the split) is s modulo slots.
@@ -157,6 +159,8 @@ def slot_samples(paths: list, counts: list, rank: int, world_size: int, start_ba
         found = 0
         for shard in order:
             for position, raw in enumerate(read_shard(paths[shard], _worker_skips)):
+                if offsets[shard] + position < held_out:
+                    continue
                 if not by_shard:
                     unit = offsets[shard] + position
                     try:
@@ -333,7 +337,7 @@ def make_train_loader(shards_dir, split: str, batch_size: int, image_size: int, 
                       max_length: int = 32, num_workers: int = 2, rank: int = 0, world_size: int = 1,
                       seed: int = 0, start_batch: int = 0, twins_in_batch: bool = False,
                       shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
-                      prefetch_factor: int = 4) -> TrainLoader:
+                      prefetch_factor: int = 4, held_out: int = 0) -> TrainLoader:
     """Endless, deterministic training stream of one rank (see TrainLoader, module docstring).
 
     Shards are split by global rank and loader worker into disjoint slots (by sample when there are
@@ -342,6 +346,7 @@ def make_train_loader(shards_dir, split: str, batch_size: int, image_size: int, 
     batches N, N+1, ... of that sequence, skipping the first N batches' raw samples undecoded
     (exact while those contain no corrupt samples: each one skipped shifts later batches by one).
     `twins_in_batch`: samples of one `group` stay together through shuffling and batching.
+    `held_out`: the split's first N samples are left out (train/validation_source.py validates on them).
     """
     manifest = load_manifest(shards_dir, split)
     if batch_size < 1:
@@ -349,7 +354,8 @@ def make_train_loader(shards_dir, split: str, batch_size: int, image_size: int, 
     if num_workers > 0:  # workers tokenise one batch each; a Rust thread pool per fork only fights them
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pipeline = wds.DataPipeline(
-        partial(slot_samples, manifest["paths"], manifest["shard_counts"], rank, world_size, start_batch, seed),
+        partial(slot_samples, manifest["paths"], manifest["shard_counts"], rank, world_size, start_batch, seed,
+                held_out),
         partial(group_units, twins_in_batch=twins_in_batch),
         partial(shuffle_units, bufsize=shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
                 start_batch=start_batch),

@@ -70,10 +70,33 @@ def read_ds_config(path: str | os.PathLike, world_size: int = 1, micro_batch: in
         raise ConfigError(
             f"{path}: field 'train_batch_size' ({ds['train_batch_size']}) != micro batch x "
             f"accumulation x world size ({micro_batch} x {accumulation} x {world_size})")
+    check_precision(ds, path)
     ds = copy.deepcopy(ds)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["train_batch_size"] = micro_batch * accumulation * world_size
     return ds
+
+
+def check_precision(ds: dict, path: Path, has_gpu: bool | None = None) -> None:
+    """Refuse up front a precision block this machine cannot run: DeepSpeed's bf16 / fp16 engines
+    cast the weights, and on CPU the first convolution fails deep inside a step (a traceback per
+    rank). bf16 compute on CPU is `torch_autocast` (ds_configs/zero2_bf16.json)."""
+    if has_gpu is None:
+        has_gpu = torch.cuda.is_available()
+    for precision in ("bf16", "fp16"):
+        block = ds.get(precision)
+        if block is None:
+            continue
+        if not isinstance(block, dict):
+            raise ConfigError(f"{path}: field '{precision}' must be an object like {{\"enabled\": false}}")
+        enabled = block.get("enabled", False)
+        if enabled not in (True, False, "auto"):
+            raise ConfigError(f"{path}: field '{precision}.enabled' is {enabled!r}; use true or false")
+        if enabled is True and not has_gpu:
+            raise ConfigError(f"{path}: field '{precision}.enabled' is true, but this machine has no GPU "
+                              f"and {precision} weights fail on CPU; set it false, or use "
+                              f"\"torch_autocast\": {{\"enabled\": true, \"dtype\": \"bfloat16\"}} "
+                              f"(ds_configs/zero2_bf16.json)")
 
 
 def zero_stage(ds: dict) -> int:

@@ -146,13 +146,37 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+# How long a claim made before the run folder was known counts (the claim file of another job that
+# happened to have the same launcher pid and port is older than this).
+EARLY_CLAIM_S = 120
+
+
+def _early_claim_path() -> Path | None:
+    """Before the run folder is known (the config and preflight checks, which every rank runs and
+    fails alike), the ranks of one launcher on this node claim the one line through a file named by
+    the launcher's pid and port: the first to fail prints (the launcher stops the others at once,
+    so waiting for rank 0 could print nothing)."""
+    if STATE.world == 1:
+        return None
+    import tempfile
+    name = f"dcd-first-failure-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    path = Path(tempfile.gettempdir()) / name
+    try:
+        if time.time() - path.stat().st_mtime > EARLY_CLAIM_S:
+            path.unlink()
+    except OSError:
+        pass
+    return path
+
+
 def _claim_first(line: str) -> bool:
     """Whether this rank is the first of the job to fail or stop (it then prints the line)."""
-    if STATE.out is None:
-        return STATE.rank == 0 or STATE.world == 1
+    claim = STATE.out / FIRST_FAILURE if STATE.out is not None else _early_claim_path()
+    if claim is None:
+        return True
     try:
-        STATE.out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(STATE.out / FIRST_FAILURE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
     except OSError:
@@ -185,7 +209,8 @@ def exit_now(code: int, what: str, details: str = "") -> None:
     One thread does it: a signal arriving meanwhile (the launcher tearing the job down) waits."""
     _exiting.acquire()
     rank = STATE.rank
-    who = f"rank {rank} failed first" if STATE.world > 1 else ""
+    # Before the run folder is known (the config and preflight checks) every rank fails alike: no "who".
+    who = f"rank {rank} failed first" if STATE.world > 1 and STATE.out is not None else ""
     if what.startswith("stopped: "):
         line = what
     else:
@@ -200,15 +225,29 @@ def exit_now(code: int, what: str, details: str = "") -> None:
         except OSError:
             log = None
     try:
-        if _claim_first(line):
+        printed = _claim_first(line)
+        if printed:
             if details and log is None:
                 sys.stderr.write(details)
             sys.stderr.write(line + "\n")
+        if not (printed and rank == 0):  # rank 0's stderr is copied into the run log already
+            _append_run_log(f"[rank {rank}] {line}")
         sys.stdout.flush()
         sys.stderr.flush()
         kill_children()
     finally:
         os._exit(code)
+
+
+def _append_run_log(line: str) -> None:
+    """The error line into {out}/train.log (train/run_log.py), appended in one write."""
+    if STATE.out is None:
+        return
+    try:
+        with open(STATE.out / "train.log", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError:
+        pass
 
 
 def _fail(error: BaseException) -> None:

@@ -1,4 +1,5 @@
-"""TensorBoard on rank 0 and a step timer whose sections become `time/*` scalars."""
+"""TensorBoard on rank 0 (scalars, histograms, pictures, hparams, projector) and a step timer whose
+sections become `time/*` scalars."""
 from __future__ import annotations
 
 import time
@@ -35,6 +36,29 @@ class Monitor:
     def text(self, step: int, tag: str, text: str) -> None:
         if self.writer is not None:
             self.writer.add_text(tag, text, step)
+
+    def image(self, step: int, tag: str, picture) -> None:
+        """A PIL picture (or HxWx3 uint8 array) under IMAGES."""
+        if self.writer is not None:
+            import numpy as np
+            self.writer.add_image(tag, np.asarray(picture), step, dataformats="HWC")
+
+    def hparams(self, config: dict, metrics: dict) -> None:
+        """The HPARAMS tab: the config's scalar fields against the final metrics. Written into this
+        run's own event file (not add_hparams' extra sub-run), so that the runs under one --logdir
+        (tools/ablate.py's) are its rows, their val/* scalars its metric columns."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+        for summary in hparams(config, {tag: float(value) for tag, value in metrics.items()}):
+            self.writer.file_writer.add_summary(summary)
+
+    def embedding(self, step: int, tag: str, vectors: torch.Tensor, metadata: list, header: list,
+                  thumbnails: torch.Tensor) -> None:
+        """The PROJECTOR tab: vectors with their metadata rows and float [N, 3, H, W] thumbnails."""
+        if self.writer is not None:
+            self.writer.add_embedding(vectors, metadata=metadata, metadata_header=header,
+                                      label_img=thumbnails, global_step=step, tag=tag)
 
     def flush(self) -> None:
         if self.writer is not None:

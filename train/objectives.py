@@ -21,6 +21,13 @@ from train.evaluation import embed_images, embed_texts, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
 from train.models.presets import build_student, build_teacher, load_student
 from train.models.teacher_training import teacher_matching_loss
+from train.pictures import ranking_picture
+from train.validation_source import validation_source
+
+
+# The validation picture of what the teacher ranked: queries shown, student proposals per query.
+RANKING_QUERIES = 3
+RANKING_CANDIDATES = 5
 
 
 def _to(batch: dict, dev) -> dict:
@@ -69,14 +76,15 @@ class Objective:
 
     def __init__(self, cfg: RunConfig, dev, rank: int, world: int):
         self.cfg, self.dev, self.rank, self.world = cfg, dev, rank, world
+        self.validation = validation_source(cfg)  # the val split, a held-out slice of train, or none
         self._val_split = None
 
     def validation_split(self):
         """The small validation gallery, read once."""
         if self._val_split is None:
-            cfg = self.cfg
-            self._val_split = read_eval_split(cfg.data.shards, cfg.data.val_split, image_size=cfg.data.image_size,
-                                              max_images=cfg.train.eval_images)
+            cfg, source = self.cfg, self.validation
+            self._val_split = read_eval_split(cfg.data.shards, source.split, image_size=cfg.data.image_size,
+                                              max_images=source.images)
         return self._val_split
 
     @torch.no_grad()
@@ -89,6 +97,16 @@ class Objective:
 
     def metrics(self, split) -> dict:
         raise NotImplementedError
+
+    def pictures(self, split) -> dict:
+        """TensorBoard pictures at each validation, tag -> PIL picture; every rank runs it (the
+        models' forward passes must be the same on all ranks under ZeRO-3)."""
+        return {}
+
+    def projection(self, split):
+        """(vectors, metadata rows, header, float thumbnails) for TensorBoard's projector at the end,
+        or None; every rank runs it."""
+        return None
 
     def export(self, out: Path, rank: int) -> None:
         ds_engine.export_pretrained(self.model, out / self.export_name, rank)
@@ -134,6 +152,16 @@ class StudentObjective(Objective):
         if acc is not None:
             result["val/binding_acc"] = acc
         return result
+
+    @torch.no_grad()
+    def projection(self, split):
+        """Each validation image and its first caption, in one space: the projector shows how close
+        the student puts a picture to what is said of it."""
+        first = [split.captions_of(i)[0] for i in range(split.num_images)]
+        vectors = torch.cat([embed_images(self.model, split.pixels), embed_texts(self.model, first)])
+        metadata = [["image", c] for c in first] + [["caption", c] for c in first]
+        pictures = split.pixels.float() / 255.0
+        return vectors, metadata, ["kind", "caption"], torch.cat([pictures, torch.ones_like(pictures)])
 
 
 def build_teacher_aside(spec, tokenizer_folder, tokenizer=None):
@@ -184,6 +212,30 @@ class DistillObjective(StudentObjective):
         logs["train/teacher_params_local"] = float(self.teacher_params_local)
         logs["train/teacher_params_total"] = float(self.teacher_params_total)
         return loss, logs
+
+
+    @torch.no_grad()
+    def pictures(self, split) -> dict:
+        """What the teacher ranked: for the first few validation images, the student's top captions
+        of the gallery, in the teacher's order, with both models' view of each."""
+        queries = min(RANKING_QUERIES, split.num_images)
+        similarity = embed_images(self.model, split.pixels[:queries]) @ embed_texts(self.model, split.captions).t()
+        proposals = similarity.topk(min(RANKING_CANDIDATES, len(split.captions)), dim=1).indices
+        m = proposals.shape[1]
+        tokens = {k: v.to(self.dev) for k, v in
+                  self.teacher.tokenize([split.captions[t] for t in proposals.flatten().tolist()]).items()}
+        scores = self.teacher_engine(self.teacher.preprocess_images(split.pixels[:queries].to(self.dev)),
+                                     tokens["input_ids"], tokens["attention_mask"],
+                                     torch.arange(queries, device=self.dev).repeat_interleave(m),
+                                     torch.arange(queries * m, device=self.dev)).view(queries, m).float().cpu()
+        rows = []
+        for q in range(queries):
+            order = scores[q].argsort(descending=True).tolist()
+            texts = [int(proposals[q, o]) for o in order]
+            rows.append({"pixels": split.pixels[q], "captions": [split.captions[t] for t in texts],
+                         "teacher": [float(scores[q, o]) for o in order], "student_rank": [o + 1 for o in order],
+                         "own": [int(split.caption_image_index[t]) == q for t in texts]})
+        return {"val/teacher_ranking": ranking_picture(rows)}
 
 
 class TeacherObjective(Objective):

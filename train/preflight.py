@@ -2,9 +2,11 @@
 
     python -m train.preflight --ranks N <the same flags as train/run.py>
 
-launch.sh runs this first, so that a bad flag, DeepSpeed config, shard folder or model spec is one
-line on the terminal instead of N tracebacks from N ranks. It loads no model weights and starts no
-process group: the config is parsed (train.config.parse_config with world_size=N), the DeepSpeed
+train/run.py runs these checks itself on every rank before its process group starts (whatever
+launched it: deepspeed, torchrun, accelerate, launch.sh), so that a bad flag, DeepSpeed config,
+shard folder or model spec is one line on the terminal (from the first rank to fail) instead of N
+tracebacks from N ranks; launch.sh also runs this command first, so that a bad run starts no
+launcher at all. It loads no model weights and starts no process group: the config is parsed (train.config.parse_config with world_size=N), the DeepSpeed
 config read (engine.read_ds_config: not JSON, unknown ZeRO stage, a batch that does not divide), the
 split manifests and the shards they list checked (train.data.load_manifest), the --teacher /
 --student specs parsed by train/models/presets.py's parse_spec (the grammar the builders use; a hub
@@ -49,10 +51,15 @@ def parse_run_flags(argv: list, ranks: int) -> RunConfig:
 def check_data(cfg: RunConfig, ranks: int) -> list:
     """Manifests and shards of the training and validation splits; returns warning lines."""
     from train.data import load_manifest
+    from train.validation_source import validation_source
     d = cfg.data
     warnings = []
     train = load_manifest(d.shards, d.train_split)
-    load_manifest(d.shards, d.val_split)  # the loop validates every --eval-every steps
+    source = validation_source(cfg)  # the loop validates every --eval-every steps
+    if source.split == d.val_split:
+        load_manifest(d.shards, d.val_split)
+    elif source.note:
+        warnings.append(source.note)
     workers = max(1, d.num_workers)
     slots = ranks * workers
     if len(train["paths"]) < slots:
@@ -165,8 +172,13 @@ def check_resume(cfg: RunConfig) -> None:
 
 def preflight(argv: list, ranks: int) -> list:
     """Every check, in the order a run would meet them; returns warnings, raises on the first error."""
+    return check_run(parse_run_flags(argv, ranks), ranks)
+
+
+def check_run(cfg: RunConfig, ranks: int) -> list:
+    """The checks after the flags parsed (train/run.py runs them itself, on every rank, before its
+    process group starts); returns warnings, raises on the first error."""
     from train.engine import read_ds_config
-    cfg = parse_run_flags(argv, ranks)
     read_ds_config(cfg.train.ds, ranks, cfg.train.batch_size)
     warnings = check_data(cfg, ranks)
     stage = cfg.train.stage
@@ -185,6 +197,8 @@ def main(argv=None) -> int:
         description="Check train/run.py's flags, DeepSpeed config, shards and model specs before "
                     "launching; all other flags are train/run.py's own.")
     parser.add_argument("--ranks", type=int, default=1, help="ranks the launcher will start")
+    parser.add_argument("--no-warnings", action="store_true",
+                        help="errors only (launch.sh: train/run.py prints the warnings itself)")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.ranks < 1:
@@ -193,7 +207,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {_first_line(err)}", file=sys.stderr, flush=True)
         return 2
-    for line in warnings:
+    for line in [] if args.no_warnings else warnings:
         print(f"warning: {line}", file=sys.stderr, flush=True)
     return 0
 

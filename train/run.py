@@ -31,9 +31,9 @@ import torch
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
-from train import comm, failure
+from train import comm, failure, preflight, run_log
 from train import engine as ds_engine
-from train.config import ConfigError, RunConfig, parse_config
+from train.config import ConfigError, RunConfig
 from train.data import DataError, make_train_loader
 from train.monitor import Monitor, StepTimer
 from train.samples import SKIP_REASONS
@@ -104,11 +104,18 @@ def all_finite(loss: torch.Tensor) -> bool:
 
 
 def main(argv=None) -> int:
-    # The config first (the same on every rank), so that a failure from here on has its run folder.
-    cfg: RunConfig = parse_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    # The config and the preflight checks first, on every rank and before the process group starts
+    # (whatever the launcher): a bad flag, config, shard folder or spec is one line, printed by the
+    # first rank to fail.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg: RunConfig = preflight.parse_run_flags(argv, world_size)  # None: sys.argv, as argparse reads it
+    warnings_found = preflight.check_run(cfg, world_size)
     t = cfg.train
-    failure.set_run(t.out)
+    failure.set_run(t.out)  # a failure from here on has its run folder
+    run_log.start_run_log(t.out, int(os.environ.get("RANK", "0")))
     rank, world = comm.init()
+    for line in warnings_found:
+        log(rank, f"warning: {line}")
     dev = ds_engine.device()
     torch.manual_seed(t.seed + rank)
 
@@ -187,7 +194,7 @@ class TrainingLoop:
             data.shards, data.train_split, batch_size=self.t.batch_size, image_size=data.image_size,
             tokenizer=objective.data_tokenizer, max_length=data.max_length, num_workers=data.num_workers,
             rank=rank, world_size=world, seed=self.t.seed, start_batch=self.state.data_batches,
-            twins_in_batch=data.twins_in_batch)
+            twins_in_batch=data.twins_in_batch, held_out=objective.validation.held_out)
         self.monitor = Monitor(out / "tb", enabled=rank == 0)
         self.monitor.text(self.state.step, "config", "```\n" + json.dumps(cfg.to_dict(), indent=2) + "\n```")
         self.timer = StepTimer(comm.accelerator().synchronize)
@@ -239,16 +246,27 @@ class TrainingLoop:
         if "train/weights" in s.logs:
             self.monitor.histogram(s.step, "train/weights", s.logs["train/weights"])
         log(self.rank, f"step {s.step}/{t.steps} loss {s.loss.item():.4f} "
-                       f"{scalars['train/samples_per_s']:.0f} samples/s" + skip_summary(skips))
+                       f"{scalars['train/samples_per_s']:.0f} samples/s" + self.timing() + skip_summary(skips))
         s.samples_since, s.clock = 0, time.perf_counter()
+
+    def timing(self) -> str:
+        """`, elapsed 1m05s, ETA 3m20s`: wall time of this process's loop, and the steps left at the
+        mean wall time per step so far (validation and checkpoints included, as they will recur)."""
+        s = self.state
+        elapsed = time.perf_counter() - s.loop_start
+        done = s.step - s.start_step
+        eta = elapsed / done * (self.t.steps - s.step) if done else float("nan")
+        return f", elapsed {duration(elapsed)}, ETA {duration(eta)}"
 
     def validate_and_save(self) -> None:
         """Every eval_every / save_every steps (and at the last); their time is not training time."""
         s, t = self.state, self.t
         aside = time.perf_counter()
-        if s.step % t.eval_every == 0 or s.step == t.steps:
+        if self.objective.validation.split is not None and (s.step % t.eval_every == 0 or s.step == t.steps):
             s.metrics = self.objective.validate()
             self.monitor.scalars(s.step, s.metrics)
+            for tag, picture in self.objective.pictures(self.objective.validation_split()).items():
+                self.monitor.image(s.step, tag, picture)
             log(self.rank, "val " + " ".join(f"{k.split('/')[-1]} {v:.2f}" for k, v in s.metrics.items()))
         if s.step % t.save_every == 0 or s.step == t.steps:
             self.save()
@@ -273,6 +291,7 @@ class TrainingLoop:
 
     def export_and_summarise(self) -> int:
         s, t = self.state, self.t
+        self.record_run()
         self.objective.export(self.out, self.rank)
         train_s = time.perf_counter() - s.loop_start - s.overhead_s
         steps_this_run = s.step - s.start_step
@@ -285,6 +304,24 @@ class TrainingLoop:
         log(self.rank, f"done: exported {self.objective.export_name} to {self.out / self.objective.export_name} "
                        f"({train_s:.0f} s of training)")
         return finish(self.monitor, 0)
+
+    def record_run(self) -> None:
+        """TensorBoard's view of the whole run: the resolved config against the final validation
+        (HPARAMS), and the validation gallery in the student's space (PROJECTOR)."""
+        s = self.state
+        self.monitor.hparams(scalar_fields(self.cfg.to_dict()), s.metrics)
+        if self.objective.validation.split is None:
+            return
+        projection = self.objective.projection(self.objective.validation_split())
+        if projection is not None:
+            vectors, metadata, header, thumbnails = projection
+            self.monitor.embedding(s.step, "val_gallery", vectors, metadata, header, thumbnails)
+
+
+def scalar_fields(sections: dict) -> dict:
+    """`{"distill.alpha": 0.2, ...}`: every field as a number, bool or string (None as "none")."""
+    return {f"{section}.{name}": value if isinstance(value, (bool, int, float, str)) else str(value).lower()
+            for section, values in sections.items() for name, value in values.items()}
 
 
 def loader_skip_counts(loader, dev) -> dict:
@@ -306,6 +343,18 @@ def skip_summary(counts: dict) -> str:
     parts = ", ".join(f"{k[len('data/skipped_'):]} {v:.0f}" for k, v in sorted(counts.items())
                       if k.startswith("data/skipped_"))
     return f"; skipped {counts['data/skipped']:.0f} samples ({parts})"
+
+
+def duration(seconds: float) -> str:
+    """`45s`, `3m05s`, `2h03m`; `?` when unknown."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _first_line(error: Exception) -> str:
