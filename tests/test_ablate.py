@@ -14,7 +14,7 @@ def test_mean_std_and_summary_over_seeds():
     assert row["seeds"] == 2 and row["rsum"] == 505.0 and row["rsum_std"] == 5.0
     assert row["binding_acc"] == 75.0 and row["tr_r1"] is None
     table = ablate.markdown([row])
-    assert "| dcd_entropy | 2 | 10 |" in table and "505.0 ± 5.0" in table and "75.0 ± 5.0" in table
+    assert "| dcd_entropy |  | 2 | 10 |" in table and "505.0 ± 5.0" in table and "75.0 ± 5.0" in table
 
 
 def test_every_variant_is_a_stage_and_its_flags():
@@ -33,3 +33,38 @@ def test_bad_arguments_are_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         ablate.main(["--teacher", str(teacher), "--out", str(tmp_path / "out"), *argv])
     assert message in str(exit_info.value)
+
+
+def test_one_scoring_pass_serves_every_teacher_ranked_variant(tmp_path, monkeypatch):
+    calls = {"score": [], "train": []}
+
+    def fake_score(args, out, proposer):
+        calls["score"].append(proposer)
+        return out / "signals", 120.0
+
+    def fake_train(args, folder, extra, steps, seed):
+        calls["train"].append((folder.name, extra))
+        return {"steps": steps, "train_seconds": 10.0, "seconds_per_step": 0.1}
+
+    monkeypatch.setattr(ablate, "score_signals", fake_score)
+    monkeypatch.setattr(ablate, "train", fake_train)
+    monkeypatch.setattr(ablate, "evaluate", lambda *a, **k: {"rsum": 1.0})
+    args = ablate.parse_args(["--signals", "stored", "--out", str(tmp_path)])
+    names = ["contrastive", "kd_random", "dcd_entropy", "dcd_wsl"]
+    variants = ablate.Variants(args, tmp_path, [0], names)
+    rows = [variants.run(n, ablate.VARIANTS[n], 5) for n in names]
+    assert [r["mode"] for r in rows] == ["", "online", "stored", "stored"]
+    assert calls["score"] == [str(tmp_path / "contrastive" / "student")]  # one pass, the baseline proposes
+    extras = dict(calls["train"])
+    assert "--teacher-signals" in extras["dcd_wsl"] and "--teacher-signals" not in extras["kd_random"]
+    assert rows[2]["scoring_seconds"] == 60.0  # shared by the two variants that used it
+    assert "| dcd_wsl | stored |" in ablate.markdown(rows)
+
+
+def test_auto_stores_only_when_the_pass_is_cheaper_than_the_teacher_steps(tmp_path):
+    (tmp_path / "train.json").write_text('{"num_samples": 1000, "num_captions": 5000}')
+    args = ablate.parse_args(["--shards", str(tmp_path), "--steps", "100"])
+    pass_s = (1000 * 16 + 5000 * 17) / ablate.SCORING_PAIRS_PER_S
+    runs_needed = pass_s / (100 * ablate.SAVED_SECONDS_PER_STEP)
+    assert not ablate.stored_is_faster(args, int(runs_needed))
+    assert ablate.stored_is_faster(args, int(runs_needed) + 1)
