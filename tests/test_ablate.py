@@ -1,4 +1,7 @@
-"""tools/ablate.py's table: mean +- std over seeds, and its refusals, without training anything."""
+"""tools/ablate.py's table: mean +- std over seeds, and its refusals, without training anything;
+the results page's teacher mode (tools/report.py)."""
+import json
+
 import pytest
 
 from tools import ablate
@@ -62,9 +65,23 @@ def test_one_scoring_pass_serves_every_teacher_ranked_variant(tmp_path, monkeypa
 
 
 def test_auto_stores_only_when_the_pass_is_cheaper_than_the_teacher_steps(tmp_path):
+    from tools import signal_cost
     (tmp_path / "train.json").write_text('{"num_samples": 1000, "num_captions": 5000}')
-    args = ablate.parse_args(["--shards", str(tmp_path), "--steps", "100"])
-    pass_s = (1000 * 16 + 5000 * 17) / ablate.SCORING_PAIRS_PER_S
-    runs_needed = pass_s / (100 * ablate.SAVED_SECONDS_PER_STEP)
-    assert not ablate.stored_is_faster(args, int(runs_needed))
-    assert ablate.stored_is_faster(args, int(runs_needed) + 1)
+    pass_s = (1000 * 16 + 5000 * 17) / signal_cost.SCORING_PAIRS_PER_S
+    runs_needed = pass_s / (100 * signal_cost.SAVED_SECONDS_PER_STEP)
+    assert not signal_cost.stored_is_faster(tmp_path, int(runs_needed), 100)
+    assert signal_cost.stored_is_faster(tmp_path, int(runs_needed) + 1, 100)
+
+
+def test_results_page_names_how_each_distilled_row_met_its_teacher(tmp_path):
+    from tools.report import collect, render
+    (tmp_path / "eval").mkdir()
+    for name, stage, signals in (("baseline", "student", None), ("dcd", "distill", "runs/x/signals")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"train": {"stage": stage}, "distill": {"teacher_signals": signals}}))
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps({"rsum": 1.0, "images": 4, "captions": 20}))
+    page = render(collect(tmp_path))
+    assert "| DCD student (stored signals) |" in page and "| contrastive baseline (student) |" in page
+    (tmp_path / "dcd" / "config.json").write_text(json.dumps({"train": {"stage": "distill"}, "distill": {}}))
+    assert "| DCD student (online teacher) |" in render(collect(tmp_path))

@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools.signal_cost import stored_is_faster  # noqa: E402
 
 VARIANTS = {
     "contrastive": ["--stage", "student"],
@@ -49,10 +52,6 @@ VARIANTS = {
 }
 DEFAULT_VARIANTS = ("contrastive", "kd_random", "dcd_entropy", "dcd_wsl", "dcd_none")
 SIGNAL_MODES = ("online", "stored", "auto")
-# Measured on 2 CPU ranks (docs/RESULTS.md, issue 17): what one stored-signal step saves over an
-# online DCD step, and the scoring pass's teacher throughput; `auto` compares the two costs.
-SAVED_SECONDS_PER_STEP = 0.25
-SCORING_PAIRS_PER_S = 1500.0
 COLUMNS = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum", "binding_acc"]
 
 
@@ -81,14 +80,10 @@ def uses_signals(extra: list[str]) -> bool:
     return "distill" in extra and "random" not in extra
 
 
-def stored_is_faster(args, runs: int) -> bool:
-    """Whether one scoring pass costs less than the teacher's share of `runs` online runs: the pass
-    scores (M + 1) pairs per caption and M per image; every online step pays the teacher again."""
-    manifest = json.loads((Path(args.shards) / "train.json").read_text())
-    images, captions = manifest.get("num_samples", 0), manifest.get("num_captions", 0)
-    M = int(dict(zip(args.train_args.split(), args.train_args.split()[1:])).get("--candidates", 16))
-    scoring_s = (images * M + captions * (M + 1)) / SCORING_PAIRS_PER_S
-    return runs * args.steps * SAVED_SECONDS_PER_STEP > scoring_s
+def candidates_of(args) -> str:
+    """The --candidates every run trains with (the scoring pass stores that many)."""
+    flags = shlex.split(args.train_args)
+    return dict(zip(flags, flags[1:])).get("--candidates", "16")
 
 
 def score_signals(args, out: Path, proposer: str) -> tuple:
@@ -96,10 +91,9 @@ def score_signals(args, out: Path, proposer: str) -> tuple:
     signals = out / "signals"
     manifest = signals / "manifest.json"
     if not (manifest.is_file() and "train" in json.loads(manifest.read_text()).get("splits", {})):
-        candidates = dict(zip(args.train_args.split(), args.train_args.split()[1:])).get("--candidates", "16")
         run([*shlex.split(args.launcher), "tools/score_teacher.py", "--ds", "ds_configs/zero3.json",
              "--shards", args.shards, "--split", "train", "--teacher", args.teacher, "--proposer", proposer,
-             "--candidates", candidates, "--out", str(signals), "--no-progress"])
+             "--candidates", candidates_of(args), "--out", str(signals), "--no-progress"])
     return signals, json.loads(manifest.read_text())["splits"]["train"]["seconds"]
 
 
@@ -193,7 +187,8 @@ class Variants:
         self.args, self.out, self.seeds = args, out, seeds
         self.stored_variants = sum(uses_signals(VARIANTS[n]) for n in names)
         self.use_stored = args.signals == "stored" or (
-            args.signals == "auto" and stored_is_faster(args, len(seeds) * self.stored_variants))
+            args.signals == "auto" and stored_is_faster(args.shards, len(seeds) * self.stored_variants, args.steps,
+                                                        int(candidates_of(args))))
         self.scoring: dict = {}
 
     def folder(self, name: str, seed: int) -> Path:
