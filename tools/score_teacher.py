@@ -147,6 +147,8 @@ def load_models(args, world: int, ds: dict):
         raise ConfigError(str(err).splitlines()[0]) from None
     teacher_fp, proposer_fp = model_fingerprint(teacher), model_fingerprint(proposer)
     zero = args.teacher_zero if args.teacher_zero is not None else (3 if world > 1 else 0)
+    if zero == 0:  # every rank holds the whole teacher: no engine needed (nor a launcher on 1 rank)
+        return teacher.eval().requires_grad_(False), teacher_fp, proposer, proposer_fp
     return ds_engine.build_teacher_engine(teacher, ds, zero), teacher_fp, proposer, proposer_fp
 
 
