@@ -132,3 +132,30 @@ def test_exact_top_candidates_matches_a_full_sort_and_excludes_own_image():
     assert torch.equal(index, full.topk(4, dim=1).indices)
     assert torch.allclose(values, full.topk(4, dim=1).values)
     assert not bool((key_owner[index] == query_owner.view(-1, 1)).any())
+
+
+def _gloo_stored_worker(rank, world_size, init_file, out_dir):
+    import os
+    import torch.distributed as dist
+    from train.distill.gather import TorchDistributed
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        cfg = CONFIGS["published_entropy_kl"]
+        batches = unique_image_batch(world_size, 5)
+        result = online_and_stored(batches[rank], TorchDistributed(), cfg, score_split(batches, cfg.candidates))
+        torch.save({mode: (loss, grads) for mode, (loss, grads, _) in result.items()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stored_equals_online_on_two_real_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_stored_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert result["stored"][0] == pytest.approx(result["online"][0], abs=ATOL)
+        for param, grad in result["online"][1].items():
+            assert torch.allclose(result["stored"][1][param], grad, atol=ATOL), param
