@@ -36,15 +36,16 @@ def compose_global_batch(signals: StoredSignals, seeds: List[int], world: int, b
     chosen = {image: _caption_of(signals, image, g, starts, counts) for image in seeds}
     fill_rows = world * (batch_size - queries)
     fills: List[Tuple[int, int]] = []
-    # each query's candidates in decreasing teacher score, both directions interleaved
-    i2t_order = signals.i2t_score[seeds].argsort(dim=1, descending=True)
-    t2i_order = signals.t2i_score[[chosen[s] for s in seeds]].argsort(dim=1, descending=True)
+    # each query's candidates in decreasing teacher score, both directions interleaved; as lists,
+    # since the loop below runs in the training process between steps
+    seed_captions = [chosen[s] for s in seeds]
+    i2t = signals.i2t_index[seeds].gather(1, signals.i2t_score[seeds].argsort(dim=1, descending=True))
+    t2i = signals.t2i_index[seed_captions].gather(1, signals.t2i_score[seed_captions].argsort(dim=1, descending=True))
+    i2t_images = signals.caption_image[i2t].tolist()
+    i2t, t2i = i2t.tolist(), t2i.tolist()
     for k in range(signals.candidates):
         for q, image in enumerate(seeds):
-            caption = int(signals.i2t_index[image, i2t_order[q, k]])
-            other = int(signals.caption_image[caption])
-            for candidate_image, candidate_caption in ((other, caption),
-                                                       (int(signals.t2i_index[chosen[image], t2i_order[q, k]]), None)):
+            for candidate_image, candidate_caption in ((i2t_images[q][k], i2t[q][k]), (t2i[q][k], None)):
                 if len(fills) == fill_rows:
                     break
                 if candidate_image in chosen:
@@ -53,8 +54,9 @@ def compose_global_batch(signals: StoredSignals, seeds: List[int], world: int, b
                     candidate_caption = _caption_of(signals, candidate_image, g, starts, counts)
                 chosen[candidate_image] = candidate_caption
                 fills.append((candidate_image, candidate_caption))
-    free = [i for i in torch.randperm(counts.shape[0], generator=g).tolist() if i not in chosen]
-    for image in free[:fill_rows - len(fills)]:  # a split too small for the candidates: random images
+    missing = fill_rows - len(fills)  # a split too small for the candidates: random images
+    free = [i for i in torch.randperm(counts.shape[0], generator=g).tolist() if i not in chosen] if missing else []
+    for image in free[:missing]:
         chosen[image] = _caption_of(signals, image, g, starts, counts)
         fills.append((image, chosen[image]))
     per_rank = batch_size - queries
@@ -79,6 +81,10 @@ class ClusteredBatches:
         self.seed, self.start_batch, self.skipped = seed, start_batch, {}
         self.seeds_per_batch = world * queries
         self.batches_per_epoch = max(1, split.num_images // self.seeds_per_batch)
+        # every caption tokenized once: tokenizing each batch in the training process cost more
+        # than the stored loss itself
+        self.tokens = tokenizer(split.captions, padding="max_length", truncation=True, max_length=max_length,
+                                return_tensors="pt")
         self.twin_ids = torch.where(split.twin_index >= 0, split.image_ids[split.twin_index.clamp(min=0)],
                                     torch.full_like(split.image_ids, -1))
 
@@ -100,11 +106,9 @@ class ClusteredBatches:
     def batch(self, index: int) -> dict:
         rows = self.global_rows(index)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         images = torch.tensor([r[0] for r in rows], dtype=torch.long)
-        captions = [self.split.captions[r[1]] for r in rows]
-        encoded = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-        return {"pixels": self.split.pixels[images], "captions": captions,
-                "input_ids": encoded["input_ids"].long(), "attention_mask": encoded["attention_mask"].long(),
+        caption_rows = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        return {"pixels": self.split.pixels[images], "captions": [self.split.captions[r[1]] for r in rows],
+                "input_ids": self.tokens["input_ids"][caption_rows].long(),
+                "attention_mask": self.tokens["attention_mask"][caption_rows].long(),
                 "image_ids": self.split.image_ids[images], "twin_ids": self.twin_ids[images],
-                "groups": torch.full((len(rows),), -1, dtype=torch.long),
-                "caption_rows": torch.tensor([r[1] for r in rows], dtype=torch.long)}
+                "groups": torch.full((len(rows),), -1, dtype=torch.long), "caption_rows": caption_rows}
