@@ -136,7 +136,8 @@ def test_scoring_pass_resumes_and_training_reads_it(tmp_path):
     assert not list(out.glob(".partial-*"))
     check_scores_against_the_teacher(shards, out)
     train = ["--ds", "ds_configs/zero2.json", "--stage", "distill", "--shards", str(shards), "--teacher-signals",
-             str(out), "--steps", "2", "--batch-size", "8", "--distill-queries", "2", "--eval-images", "8", "--candidates", "4", "--hard-negatives", "2",
+             str(out), "--steps", "2", "--batch-size", "8", "--distill-queries", "2", "--eval-images", "8",
+             "--candidates", "4", "--hard-negatives", "2",
              "--out", str(tmp_path / "run")]
     ran = subprocess.run(two_rank_command(train), cwd=REPO, env=run_env(), capture_output=True, text=True,
                          timeout=300)

@@ -190,8 +190,10 @@ class StoredDistillObjective(StudentObjective):
                                             None)
         _check_proposer(self.manifest, d.teacher_signals)
         self.split = read_eval_split(cfg.data.shards, cfg.data.train_split, image_size=cfg.data.image_size)
-        if (signals.image_ids.shape != self.split.image_ids.shape or not torch.equal(signals.image_ids, self.split.image_ids)
-                or signals.caption_image.shape[0] != self.split.num_captions):
+        same_rows = (signals.image_ids.shape == self.split.image_ids.shape
+                     and torch.equal(signals.image_ids, self.split.image_ids)
+                     and signals.caption_image.shape[0] == self.split.num_captions)
+        if not same_rows:
             raise SignalsError(f"{d.teacher_signals}: rows of split '{cfg.data.train_split}' differ from "
                                f"{cfg.data.shards}; score it again")
         if signals.candidates < d.candidates:
