@@ -1,4 +1,7 @@
-"""tools/ablate.py's table: mean +- std over seeds, and its refusals, without training anything."""
+"""tools/ablate.py's table: mean +- std over seeds, and its refusals, without training anything;
+the results page's teacher mode (tools/report.py)."""
+import json
+
 import pytest
 
 from tools import ablate
@@ -14,7 +17,7 @@ def test_mean_std_and_summary_over_seeds():
     assert row["seeds"] == 2 and row["rsum"] == 505.0 and row["rsum_std"] == 5.0
     assert row["binding_acc"] == 75.0 and row["tr_r1"] is None
     table = ablate.markdown([row])
-    assert "| dcd_entropy | 2 | 10 |" in table and "505.0 ± 5.0" in table and "75.0 ± 5.0" in table
+    assert "| dcd_entropy |  | 2 | 10 |" in table and "505.0 ± 5.0" in table and "75.0 ± 5.0" in table
 
 
 def test_every_variant_is_a_stage_and_its_flags():
@@ -33,3 +36,52 @@ def test_bad_arguments_are_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         ablate.main(["--teacher", str(teacher), "--out", str(tmp_path / "out"), *argv])
     assert message in str(exit_info.value)
+
+
+def test_one_scoring_pass_serves_every_teacher_ranked_variant(tmp_path, monkeypatch):
+    calls = {"score": [], "train": []}
+
+    def fake_score(args, out, proposer):
+        calls["score"].append(proposer)
+        return out / "signals", 120.0
+
+    def fake_train(args, folder, extra, steps, seed):
+        calls["train"].append((folder.name, extra))
+        return {"steps": steps, "train_seconds": 10.0, "seconds_per_step": 0.1}
+
+    monkeypatch.setattr(ablate, "score_signals", fake_score)
+    monkeypatch.setattr(ablate, "train", fake_train)
+    monkeypatch.setattr(ablate, "evaluate", lambda *a, **k: {"rsum": 1.0})
+    args = ablate.parse_args(["--signals", "stored", "--out", str(tmp_path)])
+    names = ["contrastive", "kd_random", "dcd_entropy", "dcd_wsl"]
+    variants = ablate.Variants(args, tmp_path, [0], names)
+    rows = [variants.run(n, ablate.VARIANTS[n], 5) for n in names]
+    assert [r["mode"] for r in rows] == ["", "online", "stored", "stored"]
+    assert calls["score"] == [str(tmp_path / "contrastive" / "student")]  # one pass, the baseline proposes
+    extras = dict(calls["train"])
+    assert "--teacher-signals" in extras["dcd_wsl"] and "--teacher-signals" not in extras["kd_random"]
+    assert rows[2]["scoring_seconds"] == 60.0  # shared by the two variants that used it
+    assert "| dcd_wsl | stored |" in ablate.markdown(rows)
+
+
+def test_auto_stores_only_when_the_pass_is_cheaper_than_the_teacher_steps(tmp_path):
+    from tools import signal_cost
+    (tmp_path / "train.json").write_text('{"num_samples": 1000, "num_captions": 5000}')
+    pass_s = (1000 * 16 + 5000 * 17) / signal_cost.SCORING_PAIRS_PER_S
+    runs_needed = pass_s / (100 * signal_cost.SAVED_SECONDS_PER_STEP)
+    assert not signal_cost.stored_is_faster(tmp_path, int(runs_needed), 100)
+    assert signal_cost.stored_is_faster(tmp_path, int(runs_needed) + 1, 100)
+
+
+def test_results_page_names_how_each_distilled_row_met_its_teacher(tmp_path):
+    from tools.report import collect, render
+    (tmp_path / "eval").mkdir()
+    for name, stage, signals in (("baseline", "student", None), ("dcd", "distill", "runs/x/signals")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(
+            {"train": {"stage": stage}, "distill": {"teacher_signals": signals}}))
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps({"rsum": 1.0, "images": 4, "captions": 20}))
+    page = render(collect(tmp_path))
+    assert "| DCD student (stored signals) |" in page and "| contrastive baseline (student) |" in page
+    (tmp_path / "dcd" / "config.json").write_text(json.dumps({"train": {"stage": "distill"}, "distill": {}}))
+    assert "| DCD student (online teacher) |" in render(collect(tmp_path))

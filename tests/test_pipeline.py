@@ -27,7 +27,7 @@ def test_fast_pipeline_writes_results_and_skips_done_steps(tmp_path):
     assert all(row["rsum"] is not None for row in results["full"] + results["subset"])
     assert results["speed"] and all(s["speedup_student"] > 0 for s in results["speed"])
     assert {"shards", "teacher", "baseline", "dcd", "evaluate", "benchmark", "total"} <= set(results["times"])
-    assert "| DCD student |" in (tmp_path / "run" / "results.md").read_text()
+    assert "| DCD student (online teacher) |" in (tmp_path / "run" / "results.md").read_text()
     # A second run finds every step done and only rewrites the table.
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
@@ -35,3 +35,4 @@ def test_fast_pipeline_writes_results_and_skips_done_steps(tmp_path):
     assert "captions true of another" in (tmp_path / "run" / "results.md").read_text()
     again = json.loads((tmp_path / "run" / "results.json").read_text())
     assert again["times"] == results["times"]  # the first run's step times are kept
+

@@ -13,7 +13,12 @@ shards, steps and batch; only the objective differs):
   dcd_listwise  --objective listwise                  KD to the row-standardised teacher
   dcd_denoised  --objective denoised                  teacher-near-positive candidates as positives
   dcd_margin    --objective margin                    KD = Margin-MSE
-(the objective variants keep the default weighting). Every variant runs once per seed in --seeds;
+(the objective variants keep the default weighting). With --signals stored (or auto, when it is
+faster end to end: see `stored_is_faster`), one scoring pass (tools/score_teacher.py, proposer
+--proposer or the first contrastive run's student) serves every DCD variant that ranks with the
+teacher, which then trains from the stored signals with no teacher in its steps; the table's `mode`
+column says which rows did, and `scoring s` is the pass's seconds shared over those runs.
+Every variant runs once per seed in --seeds;
 the table gives mean +- standard deviation over the seeds, so that a difference can be read
 against seed noise. With --equal-time, `contrastive_equal_time`: the contrastive student trained for as many
 steps as fit in the slowest DCD variant's training time, so that a method that wins per step but
@@ -31,6 +36,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tools.signal_cost import stored_is_faster  # noqa: E402
 
 VARIANTS = {
     "contrastive": ["--stage", "student"],
@@ -43,6 +51,7 @@ VARIANTS = {
     "dcd_margin": ["--stage", "distill", "--objective", "margin"],
 }
 DEFAULT_VARIANTS = ("contrastive", "kd_random", "dcd_entropy", "dcd_wsl", "dcd_none")
+SIGNAL_MODES = ("online", "stored", "auto")
 COLUMNS = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum", "binding_acc"]
 
 
@@ -64,6 +73,28 @@ def evaluate(args, mode: str, student: Path, out_json: Path, teacher: str | None
             command += ["--teacher", teacher]
         run(command)
     return json.loads(out_json.read_text())
+
+
+def uses_signals(extra: list[str]) -> bool:
+    """A variant the stored signals can serve: distillation that ranks with the teacher."""
+    return "distill" in extra and "random" not in extra
+
+
+def candidates_of(args) -> str:
+    """The --candidates every run trains with (the scoring pass stores that many)."""
+    flags = shlex.split(args.train_args)
+    return dict(zip(flags, flags[1:])).get("--candidates", "16")
+
+
+def score_signals(args, out: Path, proposer: str) -> tuple:
+    """(signals folder, pass seconds): one scoring pass of the train split (kept; a killed one resumes)."""
+    signals = out / "signals"
+    manifest = signals / "manifest.json"
+    if not (manifest.is_file() and "train" in json.loads(manifest.read_text()).get("splits", {})):
+        run([*shlex.split(args.launcher), "tools/score_teacher.py", "--ds", "ds_configs/zero3.json",
+             "--shards", args.shards, "--split", "train", "--teacher", args.teacher, "--proposer", proposer,
+             "--candidates", candidates_of(args), "--out", str(signals), "--no-progress"])
+    return signals, json.loads(manifest.read_text())["splits"]["train"]["seconds"]
 
 
 def train(args, out: Path, extra: list[str], steps: int, seed: int) -> dict:
@@ -94,11 +125,11 @@ def summarise(variant: str, runs: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["variant", "seeds", "steps", "train s", "s/step", *COLUMNS]
+    head = ["variant", "mode", "seeds", "steps", "train s", "scoring s", "s/step", *COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["variant"], str(row.get("seeds", "")), str(row.get("steps", "")),
-                 _fmt(row.get("train_seconds")), _fmt(row.get("seconds_per_step"), 3)]
+        cells = [row["variant"], row.get("mode", ""), str(row.get("seeds", "")), str(row.get("steps", "")),
+                 _fmt(row.get("train_seconds")), _fmt(row.get("scoring_seconds")), _fmt(row.get("seconds_per_step"), 3)]
         cells += [_fmt(row.get(c), std=row.get(c + "_std")) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -137,10 +168,52 @@ def parse_args(argv=None):
     parser.add_argument("--equal-time", action="store_true",
                         help="also train the contrastive student for the slowest DCD variant's time")
     parser.add_argument("--eval-images", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--signals", choices=SIGNAL_MODES, default="online",
+                        help="DCD variants from the online teacher, from one stored scoring pass, or "
+                             "whichever is faster end to end for these runs")
+    parser.add_argument("--proposer", help="dual encoder that proposes the stored candidates (default: "
+                                           "the first contrastive run's student)")
     parser.add_argument("--launcher", default="deepspeed --num_gpus 2")
     parser.add_argument("--train-args", default="", help="extra flags for every train/run.py call")
     parser.add_argument("--out", default="runs/ablation")
     return parser.parse_args(argv)
+
+
+class Variants:
+    """Runs one variant over every seed and makes its table row; the DCD variants that rank with the
+    teacher use the one scoring pass when --signals says so (made before the first of them)."""
+
+    def __init__(self, args, out: Path, seeds: list, names: list):
+        self.args, self.out, self.seeds = args, out, seeds
+        self.stored_variants = sum(uses_signals(VARIANTS[n]) for n in names)
+        self.use_stored = args.signals == "stored" or (
+            args.signals == "auto" and stored_is_faster(args.shards, len(seeds) * self.stored_variants, args.steps,
+                                                        int(candidates_of(args))))
+        self.scoring: dict = {}
+
+    def folder(self, name: str, seed: int) -> Path:
+        return self.out / (name if len(self.seeds) == 1 else f"{name}-seed{seed}")
+
+    def signals(self) -> list:
+        if not self.scoring:
+            proposer = self.args.proposer or str(self.folder("contrastive", self.seeds[0]) / "student")
+            self.scoring["signals"], self.scoring["seconds"] = score_signals(self.args, self.out, proposer)
+        return ["--teacher-signals", str(self.scoring["signals"])]
+
+    def run(self, name: str, extra: list[str], steps: int) -> dict:
+        mode = "stored" if self.use_stored and uses_signals(extra) else ("online" if "distill" in extra else "")
+        extra = extra + (self.signals() if mode == "stored" else [])
+        runs = []
+        for seed in self.seeds:
+            folder = self.folder(name, seed)
+            print(f"[ablate] {folder.name} ({mode or 'no teacher'})", flush=True)
+            summary = train(self.args, folder, extra, steps, seed)
+            runs.append({**summary, **evaluate(self.args, "student", folder / "student", folder / "eval.json")})
+        row = summarise(name, runs)
+        row["mode"] = mode
+        if mode == "stored":  # the pass's seconds shared by the variants that used it
+            row["scoring_seconds"] = self.scoring["seconds"] / max(1, self.stored_variants)
+        return row
 
 
 def main(argv=None) -> int:
@@ -160,14 +233,7 @@ def main(argv=None) -> int:
         sys.exit(f"ablate: unknown variant '{unknown[0]}' (known: {', '.join(VARIANTS)})" if unknown
                  else "ablate: --seeds names no seed")
 
-    def one_variant(name: str, extra: list[str], steps: int) -> dict:
-        runs = []
-        for seed in seeds:
-            folder = out / (name if len(seeds) == 1 else f"{name}-seed{seed}")
-            print(f"[ablate] {folder.name}", flush=True)
-            summary = train(args, folder, extra, steps, seed)
-            runs.append({**summary, **evaluate(args, "student", folder / "student", folder / "eval.json")})
-        return summarise(name, runs)
+    one_variant = Variants(args, out, seeds, names).run
 
     rows = []
     started = time.perf_counter()

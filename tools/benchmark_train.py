@@ -32,6 +32,8 @@ def add_parser(commands) -> None:
     train.add_argument("--batch-size", type=int, help="per rank (default: the ds config's)")
     train.add_argument("--distill-args", default="", help="extra flags for the distill run, e.g. "
                        "'--distill-queries 64'")
+    train.add_argument("--teacher-signals", help="also time --stage distill from these stored signals "
+                       "(tools/score_teacher.py) and report the scoring pass's cost per image")
     train.add_argument("--loader-batches", type=int, default=30)
     train.add_argument("--out", default="runs/benchmark", help="folder for train.json")
 
@@ -80,9 +82,11 @@ def run_train_benchmark(args) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     stages = {}
-    for stage, extra in (("student", []), ("distill", ["--teacher", args.teacher,
-                                                        *args.distill_args.split()])):
-        run_dir = out / f"train_{stage}"
+    runs = [("student", "student", []), ("distill", "distill", ["--teacher", args.teacher, *args.distill_args.split()])]
+    if args.teacher_signals:
+        runs.append(("stored", "distill", ["--teacher-signals", args.teacher_signals, *args.distill_args.split()]))
+    for name, stage, extra in runs:
+        run_dir = out / f"train_{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
         command = [deepspeed, "--num_gpus", str(args.ranks), "train/run.py", "--stage", stage,
                    "--shards", args.shards, "--out", str(run_dir), "--steps", str(args.steps),
@@ -92,22 +96,46 @@ def run_train_benchmark(args) -> int:
         print("$ " + " ".join(command), flush=True)
         if subprocess.run(command, cwd=repo, env=env, stdout=subprocess.DEVNULL).returncode != 0:
             raise BenchmarkError(f"--stage {stage} failed; run the command above to see why")
-        stages[stage] = step_breakdown(run_dir / "tb", args.skip_steps)
+        stages[name] = step_breakdown(run_dir / "tb", args.skip_steps)
     loader = loader_throughput(args.shards, args.batch_size or 128, args.loader_batches)
-    distill_s, student_s = stages["distill"].get("time/step"), stages["student"].get("time/step")
-    ratio_value = distill_s / student_s if distill_s is not None and student_s else None
+    ratio_value = step_ratio(stages, "distill")
     result = {"benchmark": "train", "ranks": args.ranks, "steps": args.steps, "skip_steps": args.skip_steps,
               "distill_args": args.distill_args, "stages": stages, "distill_over_student": ratio_value,
+              **(scoring_cost(args.teacher_signals, stages) if args.teacher_signals else {}),
               "loader_samples_per_s_per_rank": loader, "cpu_count": os.cpu_count(),
               "threads_per_rank": env["OMP_NUM_THREADS"], "torch": torch.__version__}
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
     tags = sorted({tag for values in stages.values() for tag in values})
-    print(f"{'seconds per step':<24}{'student':>12}{'distill':>12}")
+    print(f"{'seconds per step':<24}" + "".join(f"{name:>12}" for name in stages))
     for tag in tags:
-        row = [stages[s].get(tag) for s in ("student", "distill")]
+        row = [stages[s].get(tag) for s in stages]
         print(f"{tag:<24}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in row))
     print(f"distill / student step time: {ratio_value:.2f}x")
+    if "stored" in stages:
+        print(f"stored-signal distill / student step time: {result['stored_over_student']:.2f}x; scoring pass "
+              f"{result['scoring']['seconds_per_image'] * 1000:.2f} s per 1,000 images")
     print("loader samples/s per rank: " + ", ".join(f"{k} {v:.0f}" for k, v in loader.items()))
     print(f"written: {out / 'train.json'}")
     return 0
+
+
+def step_ratio(stages: dict, name: str):
+    """Seconds per step of run `name` over the contrastive student's."""
+    over, under = stages.get(name, {}).get("time/step"), stages["student"].get("time/step")
+    return over / under if over is not None and under else None
+
+
+def scoring_cost(signals: str, stages: dict) -> dict:
+    """The stored run's step ratio and what the scoring pass of its train split cost, from the
+    signals' manifest (tools/score_teacher.py): seconds and bytes per image price a dataset."""
+    manifest_path = Path(signals) / "manifest.json"
+    if not manifest_path.is_file():
+        raise BenchmarkError(f"{manifest_path}: not found (write it with tools/score_teacher.py)")
+    entry = json.loads(manifest_path.read_text())["splits"].get("train", {})
+    images = max(1, entry.get("images", 0))
+    return {"stored_over_student": step_ratio(stages, "stored"),
+            "scoring": {"images": entry.get("images"), "pairs": entry.get("pairs"), "seconds": entry.get("seconds"),
+                        "pairs_per_s": entry.get("pairs_per_s"), "ranks": entry.get("ranks"),
+                        "seconds_per_image": entry.get("seconds", 0.0) / images,
+                        "bytes_per_image": entry.get("bytes", 0) / images}}

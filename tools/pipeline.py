@@ -2,6 +2,10 @@
 
     shards -> teacher fine-tune -> contrastive baseline -> DCD student -> evaluate -> benchmark -> results
 
+DCD distils from the online teacher, or (--signals stored, or auto where it is faster end to end)
+from one scoring pass of the train split stored beside the run (`{run}/signals`), proposed by the
+baseline; the results page names the mode of the DCD row.
+
 Each step's output is its completion mark (a manifest, an exported model folder, an evaluation JSON),
 so a killed pipeline picks up where it stopped; `--fresh` redoes everything. Step wall times go into
 `{run}/results.json` beside the metrics.
@@ -20,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 from tools.report import write_results  # noqa: E402
+from tools.signal_cost import stored_is_faster  # noqa: E402
 
 # Sizes of the default pipeline, chosen by measurement on a 2-core CPU to fit 15 minutes (README).
 # The teacher needs ~1,000-1,600 steps (~6 minutes for 1,600) to learn the binding and the rest
@@ -82,6 +87,10 @@ def parse_args(argv=None):
     parser.add_argument("--fast", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--shards", help="synthetic shards folder (default: shards/synthetic, "
                         "or shards/synthetic-fast with --fast)")
+    parser.add_argument("--signals", choices=("online", "stored", "auto"), default="auto",
+                        help="DCD from the online teacher, or from one stored scoring pass of the train "
+                             "split with the baseline as proposer (tools/score_teacher.py); auto: stored "
+                             "where that is faster end to end (tools/signal_cost.py)")
     return parser.parse_args(argv)
 
 
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
         "--train-images", str(sizes["train_images"]), "--val-images", str(sizes["val_images"]),
         "--test-images", str(sizes["test_images"])]])
 
-    teacher, baseline, dcd, equal_time = training_steps(p, run, sizes, args.fresh)
+    teacher, baseline, dcd, equal_time = training_steps(p, run, sizes, args.fresh, args.signals)
     evaluation_steps(p, run, sizes, teacher, baseline, dcd, equal_time)
     table = write_results(run, p.times)
     print(table)
@@ -114,7 +123,19 @@ def main(argv=None) -> int:
 
 
 
-def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool) -> tuple:
+def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: Path, mode: str) -> list[str]:
+    """DCD's teacher flags: the online teacher, or the stored signals of one scoring pass (made here)
+    when --signals stored, or auto and the pass is faster than the teacher's share of the DCD run."""
+    if mode == "online" or (mode == "auto" and not stored_is_faster(sizes["shards"], 1, sizes["distill_steps"])):
+        return ["--teacher", str(teacher)]
+    signals = run / "signals"
+    p.step("teacher signals", signals / "manifest.json", [[
+        *p.launcher, "tools/score_teacher.py", "--shards", sizes["shards"], "--split", "train",
+        "--teacher", str(teacher), "--proposer", str(baseline), "--out", str(signals), "--no-progress"]])
+    return ["--teacher-signals", str(signals)]
+
+
+def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: str = "online") -> tuple:
     """The teacher, the contrastive baseline, DCD and the baseline at DCD's wall time; returns
     their exported model folders."""
     teacher = run / "teacher" / "teacher"
@@ -130,7 +151,8 @@ def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool) -> tuple:
            [p.train("student", run / "baseline", sizes["student_steps"])])
     dcd = run / "dcd" / "student"
     p.step("dcd", dcd / "config.json",
-           [p.train("distill", run / "dcd", sizes["distill_steps"], "--teacher", str(teacher),
+           [p.train("distill", run / "dcd", sizes["distill_steps"],
+                    *signal_flags(p, run, sizes, teacher, baseline, signals),
                     # ramp the distillation terms in over the first half: from scratch the student's
                     # first proposals are random (400 steps: test RSUM 379.0 with, 362.3 without)
                     "--distill-warmup-steps", str(max(sizes["distill_steps"] // 2, 1)))])

@@ -36,9 +36,19 @@ def _table(rows: list[dict], title: str) -> str:
     head = ["model", *METRICS, "seconds"]
     lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        lines.append("| " + " | ".join([row["model"], *(_cell(row.get(m)) for m in METRICS),
+        model = row["model"] + (f" ({row['mode']})" if row.get("mode") else "")
+        lines.append("| " + " | ".join([model, *(_cell(row.get(m)) for m in METRICS),
                                         _cell(row.get("seconds"), 2)]) + " |")
     return "\n".join(lines)
+
+
+def teacher_mode(train_dir: Path) -> str | None:
+    """How a distilled row met its teacher: 'online teacher' or 'stored signals' (from its saved
+    config.json); None for the rows no teacher trained."""
+    config = _read(train_dir / "config.json") or {}
+    if config.get("train", {}).get("stage") != "distill":
+        return None
+    return "stored signals" if config.get("distill", {}).get("teacher_signals") else "online teacher"
 
 
 def collect(run: Path, times: dict | None = None) -> dict:
@@ -56,6 +66,7 @@ def collect(run: Path, times: dict | None = None) -> dict:
                 continue
             row = {"model": label, **{k: metrics.get(k) for k in METRICS + ["images", "captions", "seconds"]}}
             summary = _read(run / train_dir / "train_summary.json") if train_dir else None
+            row["mode"] = teacher_mode(run / train_dir) if train_dir else None
             if summary:
                 row.update(train_steps=summary["steps"], train_seconds=summary["train_seconds"])
             results[key].append(row)

@@ -80,6 +80,9 @@ class DistillConfig:
     # (KD = Margin-MSE); train/distill/losses.py OBJECTIVES, docs/RESULTS.md for the ablation.
     objective: str = "published"
     positive_margin: float = 0.0         # the denoised objective's margin, in teacher logits
+    # Stored teacher signals (tools/score_teacher.py): the same objective from the stored scores of
+    # the proposer's candidates, no teacher forward in the step (train/distill/stored.py).
+    teacher_signals: Optional[str] = None
 
     def dcd_config(self) -> DCDConfig:
         """The DCD objective's config: every field the two share, by name, with the directions
@@ -334,6 +337,9 @@ def resolve(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         raise ConfigError("distill.false_negative_margin needs negatives_from teacher (the teacher "
                           "decides what is a likely false negative)")
     parse_directions(dist.directions)
+    if dist.teacher_signals and dist.negatives_from != "teacher":
+        raise ConfigError("distill.teacher_signals stores the teacher's ranking of the proposer's "
+                          "candidates: use it with negatives_from teacher")
     tl = cfg.teacher_loss
     if tl.negatives_student is not None and not Path(tl.negatives_student).is_dir():
         raise ConfigError(f"teacher_loss.negatives_student: {tl.negatives_student} is not a saved "

@@ -16,10 +16,12 @@ from train import failure
 from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher
 from train.distill.dcd import contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
+from train.distill.stored import StoredSignals, stored_dcd_loss
 from train.eval_split import read_eval_split
 from train.evaluation import embed_images, embed_texts, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
 from train.models.presets import build_student, build_teacher, load_student
+from train.signals import SignalsError, load_split
 from train.models.teacher_training import teacher_matching_loss
 from train.pictures import ranking_picture
 from train.validation_source import validation_source
@@ -238,6 +240,75 @@ class DistillObjective(StudentObjective):
         return {"val/teacher_ranking": ranking_picture(rows)}
 
 
+class StoredDistillObjective(StudentObjective):
+    """DCD from stored teacher signals (`--teacher-signals PATH`, tools/score_teacher.py): the same
+    objective as DistillObjective with the teacher's scores read from the table, no teacher in the
+    step; batches are composed from the distilled queries and their stored candidates
+    (train/clustered.py). The signals are checked against the shards, teacher and proposer first."""
+
+    def __init__(self, cfg: RunConfig, ds: dict, dev, rank: int, world: int):
+        super().__init__(cfg, ds, dev, rank, world)
+        d = cfg.distill
+        signals, self.manifest = load_split(d.teacher_signals, cfg.data.train_split, cfg.data.shards,
+                                            _fingerprint_if_present(cfg.model.teacher, build_teacher, cfg),
+                                            None)
+        _check_proposer(self.manifest, d.teacher_signals)
+        self.split = read_eval_split(cfg.data.shards, cfg.data.train_split, image_size=cfg.data.image_size)
+        same_rows = (signals.image_ids.shape == self.split.image_ids.shape
+                     and torch.equal(signals.image_ids, self.split.image_ids)
+                     and signals.caption_image.shape[0] == self.split.num_captions)
+        if not same_rows:
+            raise SignalsError(f"{d.teacher_signals}: rows of split '{cfg.data.train_split}' differ from "
+                               f"{cfg.data.shards}; score it again")
+        if signals.candidates < d.candidates:
+            raise SignalsError(f"{d.teacher_signals}: {signals.candidates} candidates stored, "
+                               f"--candidates {d.candidates} asked; score with --candidates {d.candidates}")
+        self.signals = StoredSignals(*(t.to(dev) for t in signals))
+        self.dcd = cfg.distill.dcd_config()
+        batch = ds["train_micro_batch_size_per_gpu"]
+        # the seed queries of a clustered batch are the rows dcd_loss distils: its first distill_queries
+        self.queries = min(self.dcd.distill_queries or batch // 4, batch // 2) or 1
+        self.dcd.distill_queries = self.queries
+
+    def make_train_loader(self, start_batch: int):
+        from train.clustered import ClusteredBatches
+        t, data = self.cfg.train, self.cfg.data
+        return ClusteredBatches(self.split, StoredSignals(*(x.cpu() for x in self.signals)), t.batch_size,
+                                self.queries, self.rank, self.world, t.seed, start_batch, self.data_tokenizer,
+                                data.max_length)
+
+    def forward(self, batch: dict, timer, step: int):
+        batch = _to(batch, self.dev)
+        image_emb, text_emb, scale = self.embed(batch, timer)
+        ramp = self.cfg.distill.distill_warmup_steps
+        distill_weight = min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0
+        with timer.section("loss"):
+            loss, logs = stored_dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["caption_rows"],
+                                         self.signals, self.comm, self.dcd, distill_weight=distill_weight)
+        logs = _train_logs(logs, loss)
+        logs["train/distill_weight"] = distill_weight
+        return loss, logs
+
+
+def _fingerprint_if_present(spec, build, cfg: RunConfig):
+    """The fingerprint of the configured teacher, or None when the spec names nothing loadable (the
+    default teacher of a run that only has stored signals: the manifest names the teacher then)."""
+    from train.evaluation import model_fingerprint
+    if spec == DEFAULT_TEACHER and not Path(DEFAULT_TEACHER).exists():
+        return None
+    return model_fingerprint(build(spec, tokenizer_dir=tokenizer_dir(cfg)))
+
+
+def _check_proposer(manifest: dict, folder) -> None:
+    """A proposer saved in a folder must still be the one that proposed (a retrained baseline is not)."""
+    from train.evaluation import model_fingerprint
+    proposer = manifest.get("proposer", {})
+    spec = proposer.get("spec")
+    if spec and Path(spec).is_dir() and model_fingerprint(load_student(spec)) != proposer.get("fingerprint"):
+        raise SignalsError(f"{Path(folder) / 'manifest.json'}: proposer {spec} changed since it was "
+                           f"scored; score it again")
+
+
 class TeacherObjective(Objective):
     """Fine-tunes the cross-encoder (no pretrained teacher can be downloaded on our machines)."""
 
@@ -297,6 +368,8 @@ def build_objective(cfg: RunConfig, ds: dict, dev, rank: int, world: int):
         return TeacherObjective(cfg, ds, dev, rank, world)
     if stage == "student":
         return StudentObjective(cfg, ds, dev, rank, world)
+    if cfg.distill.teacher_signals:
+        return StoredDistillObjective(cfg, ds, dev, rank, world)
     if cfg.model.teacher == DEFAULT_TEACHER and not Path(DEFAULT_TEACHER).exists():
         raise ConfigError(missing_default_teacher())
     return DistillObjective(cfg, ds, dev, rank, world)

@@ -183,7 +183,7 @@ def check_run(cfg: RunConfig, ranks: int) -> list:
     warnings = check_data(cfg, ranks)
     stage = cfg.train.stage
     teacher_backend = None
-    if stage in ("teacher", "distill"):
+    if stage == "teacher" or (stage == "distill" and not cfg.distill.teacher_signals):  # else the manifest names it
         teacher_backend = check_teacher(cfg, str(cfg.model.teacher))
     if stage in ("student", "distill"):
         check_student(cfg, str(cfg.model.student), teacher_backend)

@@ -190,7 +190,9 @@ class TrainingLoop:
             self.state.skipped_steps = saved.get("skipped_steps", 0)
             log(rank, f"resumed from {self.ckpt_dir} at step {self.state.step}")
         data = cfg.data
-        self.loader = make_train_loader(
+        # an objective that composes its own batches (stored teacher signals: train/clustered.py)
+        own_loader = getattr(objective, "make_train_loader", None)
+        self.loader = own_loader(self.state.data_batches) if own_loader else make_train_loader(
             data.shards, data.train_split, batch_size=self.t.batch_size, image_size=data.image_size,
             tokenizer=objective.data_tokenizer, max_length=data.max_length, num_workers=data.num_workers,
             rank=rank, world_size=world, seed=self.t.seed, start_batch=self.state.data_batches,

@@ -223,6 +223,15 @@ def dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_
                                    comm, cfg)
     teacher = _score_with_teacher(scored, queries, inputs, teacher_score, cfg.directions,
                                   image_emb_local.device)
+    return distill_from_scores(pool, queries, proposals, scored, teacher, comm, cfg, distill_weight, before)
+
+
+def distill_from_scores(pool: "_Pool", queries: "_Queries", proposals, scored, teacher: "_TeacherScores",
+                        comm: Collectives, cfg: DCDConfig, distill_weight: float,
+                        before: Mapping[str, int]) -> Tuple[torch.Tensor, Dict]:
+    """Steps 5-7 from the teacher's scores of the scored candidates, wherever the scores came from:
+    the teacher's forward (``dcd_loss``) or a stored table (``train/distill/stored.py``), so every
+    objective variant, weighting and margin is the same code in both modes."""
     per_direction, false_negative_fraction = _candidate_sets(pool, queries, scored, teacher, cfg)
     loss_kd, loss_hard, weights = _weighted_terms(per_direction, queries.n, comm)
     mean_kd = torch.stack(list(loss_kd.values())).mean()
@@ -349,12 +358,15 @@ def _candidate_sets(pool: _Pool, queries: _Queries, scored, teacher: _TeacherSco
     per_direction, false_negative_fraction = {}, []
     for d in cfg.directions:
         start, n_scored = teacher.spans[d]
+        # -inf: a stored candidate absent from the pool; it ranks last and is masked like a dropped one
         teacher_scored = teacher.pair_logits[start:start + n_queries * n_scored].view(n_queries, n_scored)
         valid = None
         if cfg.negatives_from != "teacher":
             negative_index, teacher_negatives = scored[d], teacher_scored
         elif cfg.false_negative_margin is None:
             negative_index, teacher_negatives = teacher_ranked_negatives(teacher_scored, scored[d], K)
+            if not bool(torch.isfinite(teacher_negatives).all()):  # stored candidates not in the pool
+                valid = torch.isfinite(teacher_negatives)
         else:  # likely false negatives rank last (-inf) and are masked where they still fill a row
             dropped = likely_false_negatives(teacher_scored, teacher_positive, cfg.false_negative_margin)
             false_negative_fraction.append(dropped.float().mean())

@@ -1,0 +1,165 @@
+"""Stored teacher signals: the file's checks, the clustered batches, and (slow) the scoring pass under
+the deepspeed launcher, killed and resumed, then training from it on 2 ranks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures import DEEPSPEED, free_port, make_synthetic_shards, run_env, two_rank_command
+from train.clustered import ClusteredBatches, compose_global_batch
+from train.distill.stored import StoredSignals, table_from_scores
+from train.eval_split import EvalSplit
+from train.signals import SignalsError, load_split, shards_fingerprint, write_split
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHER = {"spec": "t", "fingerprint": "teacher-fp"}
+PROPOSER = {"spec": "p", "fingerprint": "proposer-fp"}
+
+
+def random_table(images=12, captions_per_image=2, M=4, seed=0) -> StoredSignals:
+    g = torch.Generator().manual_seed(seed)
+    caption_image = torch.arange(images).repeat_interleave(captions_per_image)
+    C = caption_image.numel()
+    i2t = torch.stack([torch.randperm(C, generator=g)[:M + captions_per_image] for _ in range(images)])
+    i2t = torch.stack([row[caption_image[row] != i][:M] for i, row in enumerate(i2t)])
+    t2i = torch.stack([torch.tensor([j for j in torch.randperm(images, generator=g).tolist()
+                                     if j != int(caption_image[c])][:M]) for c in range(C)])
+    scores = torch.randn(i2t.numel() + t2i.numel() + C, generator=g)
+    return table_from_scores(torch.arange(images) + 50, caption_image, i2t, t2i, scores)
+
+
+@pytest.fixture
+def stored(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train.json").write_text(json.dumps({"split": "train", "fingerprint": "abc"}))
+    table = random_table()
+    write_split(tmp_path / "signals", "train", table, TEACHER, PROPOSER,
+                {"shards_fingerprint": shards_fingerprint(shards, "train"), "candidates": 4})
+    return tmp_path / "signals", shards, table
+
+
+def test_signals_round_trip_and_fingerprint_checks(stored):
+    folder, shards, table = stored
+    loaded, manifest = load_split(folder, "train", shards, "teacher-fp", "proposer-fp")
+    for key, value in table._asdict().items():
+        assert torch.equal(getattr(loaded, key), value), key
+    assert manifest["splits"]["train"]["bytes"] == (folder / "train.pt").stat().st_size
+    for args, says in ((("val", shards), "no split 'val'"),
+                       (("train", shards, "other"), "another teacher"),
+                       (("train", shards, None, "other"), "another proposer")):
+        with pytest.raises(SignalsError, match=says) as err:
+            load_split(folder, *args)
+        assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
+    (shards / "train.json").write_text(json.dumps({"split": "train", "fingerprint": "regenerated"}))
+    with pytest.raises(SignalsError, match="other shards"):
+        load_split(folder, "train", shards)
+
+
+def test_truncated_or_missing_files_are_one_line_naming_them(stored):
+    folder, shards, _ = stored
+    table = folder / "train.pt"
+    table.write_bytes(table.read_bytes()[:100])
+    with pytest.raises(SignalsError, match="truncated") as err:
+        load_split(folder, "train", shards)
+    assert str(table) in str(err.value)
+    (folder / "manifest.json").write_text("{")
+    with pytest.raises(SignalsError, match="not valid JSON"):
+        load_split(folder, "train", shards)
+    with pytest.raises(SignalsError, match="not found"):
+        load_split(folder.parent / "nowhere", "train", shards)
+
+
+def test_clustered_batch_holds_queries_and_their_top_candidates():
+    table = random_table(images=40, captions_per_image=2, M=4)
+    g = torch.Generator().manual_seed(0)
+    rows = compose_global_batch(table, seeds=[3, 7, 11, 19], world=2, batch_size=6, queries=2, g=g)
+    assert len(rows) == 12
+    images = [r[0] for r in rows]
+    assert len(set(images)) == 12  # every image once
+    assert [rows[0][0], rows[1][0], rows[6][0], rows[7][0]] == [3, 7, 11, 19]  # seeds first on each rank
+    assert all(int(table.caption_image[c]) == i for i, c in rows)
+    # each seed's i2t candidate the teacher scores highest is in the batch with that very caption
+    captions = {c for _, c in rows}
+    for seed in (3, 7, 11, 19):
+        best = int(table.i2t_index[seed, table.i2t_score[seed].argmax()])
+        assert best in captions or int(table.caption_image[best]) in images
+
+
+def test_clustered_batches_are_rank_slices_of_one_global_batch_and_resume_exactly():
+    table = random_table(images=40, captions_per_image=2, M=4)
+    split = EvalSplit(pixels=torch.arange(40).view(40, 1, 1, 1).expand(40, 3, 2, 2).to(torch.uint8),
+                      captions=[f"caption {c}" for c in range(80)], caption_image_index=table.caption_image,
+                      image_ids=table.image_ids, twin_index=torch.full((40,), -1), keys=[str(i) for i in range(40)])
+
+    def tokenizer(captions, **_):
+        ids = torch.tensor([[int(c.split()[1]) + 1] for c in captions])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def loader(rank, start_batch=0):
+        return ClusteredBatches(split, table, 6, 2, rank, 2, 0, start_batch, tokenizer, 4)
+
+    first = [next(iter(loader(r))) for r in (0, 1)]
+    assert not set(first[0]["image_ids"].tolist()) & set(first[1]["image_ids"].tolist())
+    assert torch.equal(first[0]["pixels"][:, 0, 0, 0].long() + 50, first[0]["image_ids"])
+    assert torch.equal(first[0]["input_ids"][:, 0] - 1, first[0]["caption_rows"])
+    resumed, fresh = next(iter(loader(1, start_batch=3))), loader(1).batch(3)
+    assert torch.equal(resumed["caption_rows"], fresh["caption_rows"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Slow: the real pass under the launcher, killed and resumed; training from it; wrong signals.
+
+def score_command(shards, out, *extra):
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "tools/score_teacher.py",
+            "--ds", "ds_configs/zero3.json", "--shards", str(shards), "--split", "train", "--teacher",
+            "film-tiny", "--proposer", "student-tiny", "--candidates", "4", "--out", str(out),
+            "--pairs-per-chunk", "600", "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_scoring_pass_resumes_and_training_reads_it(tmp_path):
+    shards = make_synthetic_shards(tmp_path / "shards", train=64, val=16, tokenizer=True)
+    out = tmp_path / "signals"
+    killed = subprocess.run(score_command(shards, out), cwd=REPO, env=run_env(DCD_FAULT="teacher#3"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0
+    assert len(list(out.glob(".partial-train-*/chunk-*.pt"))) == 2 and not (out / "manifest.json").exists()
+    done = subprocess.run(score_command(shards, out), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    entry = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert entry["images"] == 64 and entry["pairs"] == 64 * 4 + 320 * 4 + 320 and entry["pairs_per_s"] > 0
+    assert not list(out.glob(".partial-*"))
+    check_scores_against_the_teacher(shards, out)
+    train = ["--ds", "ds_configs/zero2.json", "--stage", "distill", "--shards", str(shards), "--teacher-signals",
+             str(out), "--steps", "2", "--batch-size", "8", "--distill-queries", "2", "--eval-images", "8",
+             "--candidates", "4", "--hard-negatives", "2",
+             "--out", str(tmp_path / "run")]
+    ran = subprocess.run(two_rank_command(train), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert (tmp_path / "run" / "student").is_dir()
+    (out / "train.pt").write_bytes((out / "train.pt").read_bytes()[:-10])
+    bad = subprocess.run(two_rank_command(train), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "truncated" in bad.stdout + bad.stderr
+    assert "[dcd] stage distill" not in bad.stdout  # nothing trained
+
+
+def check_scores_against_the_teacher(shards, out):
+    """The stored positives' scores are the teacher's own (1 rank, no ZeRO, in this process)."""
+    sys.path.insert(0, str(REPO))
+    from train.eval_split import read_eval_split
+    from train.evaluation import teacher_pair_scores
+    from train.models.presets import build_teacher
+    torch.manual_seed(0)
+    teacher = build_teacher("film-tiny", tokenizer_dir=shards / "tokenizer")
+    split = read_eval_split(shards, "train")
+    table, _ = load_split(out, "train", shards)
+    expected = teacher_pair_scores(teacher, split, split.caption_image_index, torch.arange(split.num_captions),
+                                   rank=0, world_size=1)
+    assert torch.allclose(table.positive_score, expected, atol=1e-4)
