@@ -35,10 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tools.signal_cost import stored_is_faster
 
-from tools.signal_cost import stored_is_faster  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "contrastive": ["--stage", "student"],

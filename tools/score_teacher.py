@@ -26,9 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (the deepspeed launcher does): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from train import comm, failure
