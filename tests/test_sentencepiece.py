@@ -157,3 +157,17 @@ def test_xlmr_style_tokenizer_given_with_tokenizer_flag(tmp_path):
     scores = teacher(teacher.preprocess_images(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)),
                      tokens["input_ids"], tokens["attention_mask"])
     assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+def test_tokenizer_benchmark_trains_both_kinds_on_the_same_captions(sp_shards, tmp_path, capsys):
+    from tools import benchmark
+    assert benchmark.main(["tokenizer", "--shards", str(sp_shards), "--split", "val", "--repeats", "1",
+                           "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tokenizer.json").read_text())
+    rows = report["tokenizers"]
+    assert set(rows) == {"wordpiece", "sentencepiece"} and report["captions"] == 8 * 5
+    assert rows["sentencepiece"]["class"] == "AlbertTokenizer"
+    for row in rows.values():  # every caption gets at least [CLS] word [SEP]
+        assert row["tokens_per_caption"] >= 3 and row["unk_share"] < 0.05 and row["captions_per_s"] > 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["wordpiece_vocab"] == rows["wordpiece"]["vocab"]
