@@ -227,3 +227,32 @@ def make_photo_folder(root: Path, count: int = 24, nested: bool = True) -> tuple
         writer.writerow(["image", "caption"])
         writer.writerows(rows)
     return images, table
+
+
+def zero_to_fp32_matches_export(run: Path, exported: str, tmp: Path, script: bool = True) -> int:
+    """DeepSpeed's own zero_to_fp32 on a run's `{run}/checkpoints` gives the weights the run exported
+    to `{run}/{exported}/model.safetensors`, bit for bit (fp32 training: the master weights are the
+    model's). `script`: the zero_to_fp32.py DeepSpeed saved beside the checkpoints, as the README
+    runs it; else the library call. Returns the number of tensors compared."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+    checkpoints = run / "checkpoints"
+    if script:
+        out = tmp / f"fp32-{run.name}"
+        result = subprocess.run([sys.executable, str(checkpoints / "zero_to_fp32.py"), str(checkpoints),
+                                 str(out), "--safe_serialization"], env=run_env(), capture_output=True,
+                                text=True, timeout=180)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        rebuilt = load_file(str(out / "model.safetensors"))
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        rebuilt = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints))
+    weights = load_file(str(run / exported / "model.safetensors"))
+    # The export saves a tied tensor once (train/models/common.py, standalone_state_dict);
+    # zero_to_fp32 names it under each of its names: every exported tensor must be there.
+    assert set(weights) <= set(rebuilt), sorted(set(weights) - set(rebuilt))
+    for name, tensor in weights.items():
+        assert torch.equal(rebuilt[name].to(tensor.dtype), tensor), name
+    return len(weights)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import free_port, make_synthetic_shards, two_rank_command
+from tests.fixtures import free_port, make_synthetic_shards, two_rank_command, zero_to_fp32_matches_export
 from tests.fixtures import run_env as fixtures_run_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +86,14 @@ def test_zero3_offload_trains_and_exports_a_whole_student(reference, shards):
     assert "2 rank(s) x batch 8, ZeRO-3" in output
     assert len(losses(out)) == STEPS
     check_export(out, shards)
+
+
+@pytest.mark.slow
+def test_zero_to_fp32_gives_the_exported_student_from_a_zero3_offload_checkpoint(reference, tmp_path):
+    """The README's command, the zero_to_fp32.py DeepSpeed saved beside the checkpoints, on ZeRO-3
+    partitions (here with the optimizer and parameters offloaded) gives the exported weights."""
+    out, _ = reference
+    assert zero_to_fp32_matches_export(out, "student", tmp_path) > 0
 
 
 def test_teacher_inference_config_is_derived_from_each_ds_config():
@@ -223,6 +231,8 @@ def test_two_node_layout_trains_like_one_node(reference, shards, monkeypatch, tm
     assert "2 rank(s) x batch 8, ZeRO-3" in outputs[0]
     assert losses(out) == pytest.approx(losses(reference[0]), rel=1e-4)
     check_export(out, shards)
+    # ds_configs/zero3.json, ranks on two "nodes": DeepSpeed's library call rebuilds the export
+    assert zero_to_fp32_matches_export(out, "student", tmp_path, script=False) > 0
 
 
 def test_launch_sh_forwards_multinode_options(shards, tmp_path):

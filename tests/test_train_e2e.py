@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures import make_synthetic_shards, run_env, two_rank_command
+from tests.fixtures import make_synthetic_shards, run_env, two_rank_command, zero_to_fp32_matches_export
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -64,6 +64,11 @@ def test_teacher_stage_trains_and_exports(teacher):
     assert "val/binding_acc" in tb
 
 
+def test_zero_to_fp32_gives_the_exported_teacher_from_its_zero2_checkpoint(teacher, tmp_path):
+    """DeepSpeed's own tool reads the project's checkpoint layout (`latest` + step{N}/)."""
+    assert zero_to_fp32_matches_export(teacher, "teacher", tmp_path, script=False) > 0
+
+
 def test_teacher_stage_with_negatives_picked_by_a_saved_student(shards, teacher, tmp_path):
     """--negatives-student: a frozen student ranks each batch and its most similar captions / images
     become the teacher's similar negatives; the run fine-tunes the trained teacher and saves the
@@ -92,6 +97,10 @@ def test_student_stage_lowers_the_loss(shards, tmp_path):
     from train.models.student import DualEncoder
     student = DualEncoder.from_pretrained(tmp_path / "student")
     assert student.encode_text(**student.tokenize(["a red circle"])).shape[0] == 1
+    # the README's command: the zero_to_fp32.py DeepSpeed saved beside the ZeRO-2 checkpoints
+    assert zero_to_fp32_matches_export(tmp_path, "student", tmp_path / "fp32") > 0
+    # the project's models read 64 px, so the loader does when no --image-size is given (issue 18)
+    assert "image size 64 px: the largest the models read at" in result.stdout + result.stderr
 
 
 def test_distill_with_zero3_teacher(shards, teacher, tmp_path):

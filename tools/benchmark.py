@@ -1,10 +1,12 @@
-"""Speed benchmarks: retrieval (teacher vs student vs rerank) and, later, training steps.
+"""Speed benchmarks: retrieval (teacher vs student vs rerank), training steps, tokenizers.
 
     python tools/benchmark.py retrieval --student PATH --teacher PATH --images 100,300,1000 \\
         [--captions-per-image 5] [--shards shards/synthetic --split test] [--teacher-budget-s 120] \\
         [--rerank-k 16] [--out runs/benchmark]
     python tools/benchmark.py train        (per-step time of --stage distill vs --stage student, loader:
                                             tools/benchmark_train.py)
+    python tools/benchmark.py tokenizer    (WordPiece vs SentencePiece on the shards' captions:
+                                            tools/benchmark_tokenizer.py)
 
 Retrieval: for each gallery size (the first N images of the split with up to --captions-per-image
 captions each), in one run on one machine, the time to rank every caption for every image and every
@@ -36,7 +38,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from tools import benchmark_train
+from tools import benchmark_tokenizer, benchmark_train
 from train.eval_split import EvalSplit, read_eval_split
 from train.evaluation import (embed_images, embed_split, embed_texts, rerank, student_scores,
                               teacher_all_pairs, teacher_pair_scores)
@@ -319,6 +321,7 @@ def parse_args(argv=None):
     retrieval.add_argument("--progress", action="store_true", help="progress bars for the teacher")
     retrieval.add_argument("--seed", type=int, default=0, help="seed for models built from preset names")
     benchmark_train.add_parser(commands)
+    benchmark_tokenizer.add_parser(commands)
     return parser.parse_args(argv)
 
 
@@ -379,6 +382,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.command == "retrieval":
         return run_retrieval_benchmark(args)
+    if args.command == "tokenizer":
+        return benchmark_tokenizer.run_tokenizer_benchmark(args)
     try:
         return benchmark_train.run_train_benchmark(args)
     except benchmark_train.BenchmarkError as err:

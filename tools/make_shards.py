@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from tools.image_codec import encode_image
 from tools.shard_sources import SOURCES, InputError, Item, carve_splits, sample_key
+from train.caption_tokenizers import TOKENIZER_KINDS, train_caption_tokenizer
 
 log = logging.getLogger("make_shards")
 
@@ -353,7 +354,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1, help="encoding processes")
     p.add_argument("--resume", action="store_true", help="keep complete shards of an interrupted run")
     p.add_argument("--no-tokenizer", action="store_true", help="do not train a tokenizer")
-    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary size at most")
+    p.add_argument("--tokenizer", default="wordpiece", choices=TOKENIZER_KINDS, help="trained on the train captions")
+    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary size at most")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.source != "synthetic" and not args.input:
@@ -380,9 +382,8 @@ def run(args) -> dict:
         manifests[split] = write_split(args, out, split, make_units, total, source_counts, collect)
     if want_tokenizer:
         if train_captions:
-            from train.data import train_tokenizer
-            train_tokenizer(train_captions, out / "tokenizer", vocab_size=args.vocab_size)
-            print(f"make_shards: tokenizer trained on {len(train_captions)} train captions -> "
+            train_caption_tokenizer(args.tokenizer, train_captions, out / "tokenizer", vocab_size=args.vocab_size)
+            print(f"make_shards: {args.tokenizer} tokenizer trained on {len(train_captions)} train captions -> "
                   f"{out / 'tokenizer'}", flush=True)
         else:
             print("make_shards: no train split written, so no tokenizer trained", flush=True)

@@ -36,7 +36,10 @@ class DataConfig:
     shards: str = "shards/synthetic"       # folder written by tools/make_shards.py
     train_split: str = "train"
     val_split: str = "val"
-    image_size: int = 64                   # pixels the loader resizes to; models resize further themselves
+    # Pixels the loader crops to; models resize further themselves. None: the larger of the
+    # teacher's and the student's own sizes (train/objectives.py loader_image_size), 64 for the
+    # project's own models, 384 for a ViLT folder.
+    image_size: Optional[int] = None
     num_workers: int = 1                   # loader processes per rank
     max_length: int = 24                   # caption tokens; synthetic captions are <= ~16
     twins_in_batch: Optional[bool] = None  # keep twin scenes in one batch (teacher stage: yes)
@@ -208,6 +211,7 @@ _RESOLVED_DEFAULTS = {
     "out": ", ".join(f"{stage} {DEFAULT_OUT[stage]}" for stage in STAGES),
     "teacher": f"distill {DEFAULT_TEACHER}, teacher film-tiny, student none",
     "teacher_zero": "3 with more than one rank, else 0",
+    "image_size": "the largest of the teacher's and the student's own sizes (64 for the project's models)",
 }
 _STAGE_DEFAULT_UNSET = {"warmup_steps": "10% of the steps", "batch_size": "the ds config's micro batch"}
 

@@ -31,6 +31,8 @@ from train.validation_source import validation_source
 RANKING_QUERIES = 3
 RANKING_CANDIDATES = 5
 
+DEFAULT_IMAGE_SIZE = 64  # the loader's size when no model names its own
+
 
 def _to(batch: dict, dev) -> dict:
     return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -113,6 +115,10 @@ class Objective:
     def export(self, out: Path, rank: int) -> None:
         ds_engine.export_pretrained(self.model, out / self.export_name, rank)
 
+    def pixel_models(self) -> list:
+        """Every model that reads the loader's pixels (each resizes them to its own size)."""
+        return [self.model]
+
 
 class StudentObjective(Objective):
     """Shared by `student` and `distill`: a DualEncoder under a DeepSpeed training engine."""
@@ -188,6 +194,9 @@ class DistillObjective(StudentObjective):
         self.dcd = cfg.distill.dcd_config()
         self.teacher_params_local = ds_engine.local_parameter_elements(teacher)
         self.teacher_params_total = ds_engine.total_parameter_elements(teacher)
+
+    def pixel_models(self) -> list:
+        return [self.teacher, self.model]
 
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
@@ -327,6 +336,9 @@ class TeacherObjective(Objective):
                                   if negatives_student else None)
         self.data_tokenizer = self.model.tokenizer
 
+    def pixel_models(self) -> list:
+        return [self.model] + ([self.negatives_student] if self.negatives_student is not None else [])
+
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
         similarity = None
@@ -360,6 +372,25 @@ def _train_logs(logs: dict, loss: torch.Tensor) -> dict:
         else:
             out[f"train/{key}"] = value
     return out
+
+
+def loader_image_size(models) -> int:
+    """The loader's pixel size when the user set none: the largest the models read at, so that no
+    model upsamples pixels the loader shrank (a 384 px ViLT teacher beside a 224 px CLIP student
+    reads 384 px crops; the project's own 64 px models keep 64)."""
+    sizes = [int(m.image_size) for m in models if getattr(m, "image_size", None)]
+    return max(sizes) if sizes else DEFAULT_IMAGE_SIZE
+
+
+def choose_image_size(cfg: RunConfig, objective) -> str | None:
+    """Fill cfg.data.image_size from the models when the user set none; the log line saying so."""
+    if cfg.data.image_size is not None:
+        return None
+    models = objective.pixel_models()
+    cfg.data.image_size = loader_image_size(models)
+    sizes = ", ".join(f"{type(m).__name__} {getattr(m, 'image_size', '?')}" for m in models)
+    return (f"image size {cfg.data.image_size} px: the largest the models read at ({sizes}); "
+            f"--image-size sets it")
 
 
 def build_objective(cfg: RunConfig, ds: dict, dev, rank: int, world: int):

@@ -37,7 +37,7 @@ from train.config import ConfigError, RunConfig
 from train.data import DataError, make_train_loader
 from train.monitor import Monitor, StepTimer
 from train.samples import SKIP_REASONS
-from train.objectives import build_objective
+from train.objectives import build_objective, choose_image_size
 
 
 class StopRequest:
@@ -133,6 +133,11 @@ def main(argv=None) -> int:
         raise
     except ValueError as err:  # an unknown or unreadable --teacher / --student spec
         raise ConfigError(_first_line(err)) from None
+    chosen = choose_image_size(cfg, objective)  # before the loader and the saved config use it
+    if chosen:
+        log(rank, chosen)
+        if rank == 0:
+            cfg.save(out / "config.json")
     loop = TrainingLoop(cfg, objective, out, rank, world, dev)
     log(rank, f"stage {t.stage}: {t.steps} steps, {world} rank(s) x batch {t.batch_size}, "
               f"ZeRO-{ds_engine.zero_stage(ds)}, out {out}")
