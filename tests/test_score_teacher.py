@@ -2,7 +2,6 @@
 the deepspeed launcher, killed and resumed, then training from it on 2 ranks."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,7 +151,6 @@ def test_scoring_pass_resumes_and_training_reads_it(tmp_path):
 
 def check_scores_against_the_teacher(shards, out):
     """The stored positives' scores are the teacher's own (1 rank, no ZeRO, in this process)."""
-    sys.path.insert(0, str(REPO))
     from train.eval_split import read_eval_split
     from train.evaluation import teacher_pair_scores
     from train.models.presets import build_teacher
