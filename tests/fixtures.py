@@ -256,3 +256,34 @@ def zero_to_fp32_matches_export(run: Path, exported: str, tmp: Path, script: boo
     for name, tensor in weights.items():
         assert torch.equal(rebuilt[name].to(tensor.dtype), tensor), name
     return len(weights)
+
+
+def clip_folder(tokenizer, folder, save_tokenizer: bool = True):
+    """A tiny CLIPModel saved by transformers itself (32 px, 16-d), with the tokenizer unless told not."""
+    from transformers import CLIPConfig, CLIPModel
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=48,
+                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, intermediate_size=37),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(str(folder))
+    if save_tokenizer:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def vtde_folder(tokenizer, folder, save_tokenizer: bool = True):
+    """A tiny VisionTextDualEncoderModel (CLIP vision + BERT text) saved by transformers itself."""
+    from transformers import (BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig,
+                              VisionTextDualEncoderModel)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=37),
+        BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   intermediate_size=37, max_position_embeddings=48), projection_dim=16)
+    VisionTextDualEncoderModel(config=config).save_pretrained(str(folder))
+    if save_tokenizer:
+        tokenizer.save_pretrained(str(folder))
+    return folder

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.fixtures import clip_folder, vtde_folder
 from tests.test_models import (scene_captions, tiny_vilt_config, tokenizer,  # noqa: F401 (fixtures)
                                tokenizer_dir, uint8_images)
 from train.models.presets import build_student, build_teacher, load_student, load_teacher
@@ -113,33 +114,6 @@ def test_wrong_class_on_a_project_folder_fails_loudly(tokenizer_dir, vilt_folder
 
 # ----------------------------------------------------------------------------------------------
 # CLIP / VisionTextDualEncoder students
-
-def clip_folder(tokenizer, folder):
-    from transformers import CLIPConfig, CLIPModel
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=48,
-                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=37),
-        projection_dim=16)
-    CLIPModel(config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-def vtde_folder(tokenizer, folder):
-    from transformers import (BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig,
-                              VisionTextDualEncoderModel)
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=37),
-        BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                   intermediate_size=37, max_position_embeddings=48), projection_dim=16)
-    VisionTextDualEncoderModel(config=config).save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
-
 
 def plain_features(model, pixels, tokens):
     def tensor(output):  # transformers 5 returns a model output from get_*_features

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.test_hf_folders import clip_folder
+from tests.fixtures import clip_folder
 from tests.test_models import tiny_vilt_config, tokenizer, tokenizer_dir  # noqa: F401 (fixtures)
 from train.config import parse_config
 from train.models.presets import build_student, build_teacher

@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+from tests.fixtures import clip_folder, vtde_folder
 from train.models.presets import build_student, build_teacher, load_student
 from train.models.student import DualEncoder, build_tower, register_tower
 from train.models.teacher import CrossEncoder
@@ -214,16 +215,8 @@ def test_temperature_is_clamped_at_100(tokenizer_dir):
 
 
 def test_student_from_transformers_clip_folder(tokenizer, tokenizer_dir, tmp_path):
-    from transformers import CLIPConfig, CLIPModel
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=48,
-                         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, intermediate_size=37),
-        projection_dim=16)
-    clip = CLIPModel(config).eval()
-    clip.save_pretrained(str(tmp_path / "clip"))
+    from transformers import CLIPModel
+    clip = CLIPModel.from_pretrained(str(clip_folder(tokenizer, tmp_path / "clip", save_tokenizer=False))).eval()
     student = build_student(str(tmp_path / "clip"), tokenizer=tokenizer_dir)
     assert student.cfg["image_size"] == 32 and student.cfg["embed_dim"] == 16
     pixels, tokens = check_student(student)
@@ -238,14 +231,7 @@ def test_student_from_transformers_clip_folder(tokenizer, tokenizer_dir, tmp_pat
 
 
 def test_student_from_vision_text_dual_encoder_folder(tokenizer, tokenizer_dir, tmp_path):
-    from transformers import (BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig,
-                              VisionTextDualEncoderModel)
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=37),
-        BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                   intermediate_size=37, max_position_embeddings=48), projection_dim=16)
-    VisionTextDualEncoderModel(config=config).save_pretrained(str(tmp_path / "vtde"))
+    vtde_folder(tokenizer, tmp_path / "vtde", save_tokenizer=False)
     student = build_student(str(tmp_path / "vtde"), tokenizer=tokenizer_dir)
     pixels, tokens = check_student(student)
     student.save_pretrained(tmp_path / "student")

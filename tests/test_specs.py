@@ -4,8 +4,7 @@ one-line error. Before, `scene-oracle:SHARDS` was refused by preflight and accep
 bare PATH.ckpt accepted by preflight and refused by the builder."""
 import pytest
 
-from tests.fixtures import make_synthetic_shards
-from tests.test_hf_folders import clip_folder, vtde_folder
+from tests.fixtures import clip_folder, make_synthetic_shards, vtde_folder
 from tests.test_models import tiny_vilt_config
 from train.models.presets import build_student, build_teacher, parse_spec
 
