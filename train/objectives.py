@@ -172,6 +172,12 @@ class StudentObjective(Objective):
         return vectors, metadata, ["kind", "caption"], torch.cat([pictures, torch.ones_like(pictures)])
 
 
+def distill_ramp(warmup_steps: int, step: int) -> float:
+    """Weight of the distillation terms at `step`: linear from 1/warmup_steps to 1 over the first
+    warmup_steps steps (InfoNCE is full from the start), 1 when warmup_steps is 0."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def build_teacher_aside(spec, tokenizer_folder, tokenizer=None):
     """The teacher, built with the global random state set aside and restored afterwards.
 
@@ -212,8 +218,7 @@ class DistillObjective(StudentObjective):
                 return self.teacher_engine(pixel_values, raw_texts["input_ids"],
                                            raw_texts["attention_mask"], image_index, text_index)
 
-        ramp = self.cfg.distill.distill_warmup_steps
-        distill_weight = min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0
+        distill_weight = distill_ramp(self.cfg.distill.distill_warmup_steps, step)
         with timer.section("loss"):
             loss, logs = dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["pixels"],
                                   teacher_text, teacher_score, self.comm, self.dcd,
@@ -289,8 +294,7 @@ class StoredDistillObjective(StudentObjective):
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
         image_emb, text_emb, scale = self.embed(batch, timer)
-        ramp = self.cfg.distill.distill_warmup_steps
-        distill_weight = min(1.0, (step + 1) / ramp) if ramp > 0 else 1.0
+        distill_weight = distill_ramp(self.cfg.distill.distill_warmup_steps, step)
         with timer.section("loss"):
             loss, logs = stored_dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["caption_rows"],
                                          self.signals, self.comm, self.dcd, distill_weight=distill_weight)
