@@ -179,6 +179,23 @@ def test_margin_mse_by_hand_and_ignores_offsets():
     assert got.tolist() == pytest.approx([1.0, 0.0])
 
 
+def test_margin_floor_pushes_only_where_the_teacher_separates_more():
+    from train.distill.losses import margin_floor_per_sample
+    student = torch.tensor([[3.0, 1.0, 0.0]], requires_grad=True)   # margins 2, 3
+    teacher = torch.tensor([[5.0, 4.0, 1.0]])                       # margins 1, 4
+    loss = margin_floor_per_sample(student, teacher)
+    # negative 1: the student's margin (2) is already wider than the teacher's (1): no loss;
+    # negative 2: the teacher's margin (4) is 1 wider than the student's (3): (1)^2, mean over 2.
+    assert loss.item() == pytest.approx(0.5)
+    loss.sum().backward()
+    # only negative 2 and the positive move: positive up, negative 2 down; negative 1 untouched
+    assert student.grad[0, 1].item() == 0.0
+    assert student.grad[0, 0].item() < 0 < student.grad[0, 2].item()
+    masked = torch.tensor([[5.0, 4.0, -1.0e4], [5.0, -1.0e4, -1.0e4]])
+    got = margin_floor_per_sample(torch.tensor([[3.0, 3.0, 0.0], [3.0, 1.0, 0.0]]), masked)
+    assert got.tolist() == pytest.approx([1.0, 0.0])  # a left-out column does not count
+
+
 def test_denoised_ce_counts_teacher_near_positives_as_positives():
     from train.distill.losses import denoised_ce_per_sample
     student = torch.tensor([[1.0, 1.0, 0.0]])

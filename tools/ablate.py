@@ -13,6 +13,7 @@ shards, steps and batch; only the objective differs):
   dcd_listwise  --objective listwise                  KD to the row-standardised teacher
   dcd_denoised  --objective denoised                  teacher-near-positive candidates as positives
   dcd_margin    --objective margin                    KD = Margin-MSE
+  dcd_margin_floor --objective margin_floor           KD = one-sided Margin-MSE (teacher margins as a floor)
 (the objective variants keep the default weighting). With --signals stored (or auto, when it is
 faster end to end: see `stored_is_faster`), one scoring pass (tools/score_teacher.py, proposer
 --proposer or the first contrastive run's student) serves every DCD variant that ranks with the
@@ -48,6 +49,7 @@ VARIANTS = {
     "dcd_listwise": ["--stage", "distill", "--objective", "listwise"],
     "dcd_denoised": ["--stage", "distill", "--objective", "denoised"],
     "dcd_margin": ["--stage", "distill", "--objective", "margin"],
+    "dcd_margin_floor": ["--stage", "distill", "--objective", "margin_floor"],
 }
 DEFAULT_VARIANTS = ("contrastive", "kd_random", "dcd_entropy", "dcd_wsl", "dcd_none")
 SIGNAL_MODES = ("online", "stored", "auto")

@@ -80,7 +80,8 @@ class DistillConfig:
     distill_warmup_steps: int = 0
     # What the KD and hard terms are: published (the reference) | listwise (KD to the row-
     # standardised teacher) | denoised (near-positive candidates are extra positives) | margin
-    # (KD = Margin-MSE); train/distill/losses.py OBJECTIVES, docs/RESULTS.md for the ablation.
+    # (KD = Margin-MSE) | margin_floor (one-sided Margin-MSE); train/distill/losses.py OBJECTIVES,
+    # docs/RESULTS.md for the ablation.
     objective: str = "published"
     positive_margin: float = 0.0         # the denoised objective's margin, in teacher logits
     # Stored teacher signals (tools/score_teacher.py): the same objective from the stored scores of

@@ -31,8 +31,8 @@ import torch
 from .gather import (Collectives, fetch_pool_rows, gathered_offset, local_logits,
                      pad_to_common_length)
 from .losses import (KD_KINDS, OBJECTIVES, WEIGHTING_SCHEMES, denoised_ce_per_sample, dynamic_weights,
-                     hard_negative_ce_per_sample, info_nce, kd_loss_per_sample, margin_mse_per_sample,
-                     normalize_weights, standardized_rows)
+                     hard_negative_ce_per_sample, info_nce, kd_loss_per_sample, margin_floor_per_sample,
+                     margin_mse_per_sample, normalize_weights, standardized_rows)
 from .negatives import (MASKED_LOGIT, candidate_set_logits, likely_false_negatives, random_candidates,
                         random_pool_candidates, student_proposals, teacher_ranked_negatives)
 
@@ -73,7 +73,8 @@ class DCDConfig:
         "all_gather" (every rank's raw inputs move; simpler).
     objective: what the KD and hard terms are (``losses.OBJECTIVES``): "published" (the reference),
         "listwise" (KD to the row-standardised teacher), "denoised" (candidates the teacher scores
-        near the positive are extra positives of the hard CE), "margin" (KD = Margin-MSE).
+        near the positive are extra positives of the hard CE), "margin" (KD = Margin-MSE),
+        "margin_floor" (KD = one-sided Margin-MSE: the teacher's margins as a floor).
     positive_margin: the "denoised" objective's margin, in teacher logits.
     """
 
@@ -147,6 +148,8 @@ def distillation_terms(student_set: torch.Tensor, teacher_set: torch.Tensor,
         kd = kd_loss_per_sample(student_set, standardized_rows(teacher_set), cfg.kd_temperature, "kl")
     elif cfg.objective == "margin":
         kd = margin_mse_per_sample(student_set, teacher_set)
+    elif cfg.objective == "margin_floor":
+        kd = margin_floor_per_sample(student_set, teacher_set)
     else:
         kd = kd_loss_per_sample(student_set, teacher_set, cfg.kd_temperature, cfg.kd_loss)
     if cfg.objective == "denoised":
