@@ -181,19 +181,28 @@ def test_margin_mse_by_hand_and_ignores_offsets():
 
 def test_margin_floor_pushes_only_where_the_teacher_separates_more():
     from train.distill.losses import margin_floor_per_sample
+    # student row [3, 1, 0]: mean 4/3, std sqrt(14/9); the teacher's row [4, 1, 4] standardised is
+    # [1, -2, 1] / sqrt(2), so in the student's units its margins are 0 (negative 2: the teacher
+    # scores it as high as the positive) and 3 * sqrt(14/9) / sqrt(2) = 2.6458 (negative 1).
     student = torch.tensor([[3.0, 1.0, 0.0]], requires_grad=True)   # margins 2, 3
-    teacher = torch.tensor([[5.0, 4.0, 1.0]])                       # margins 1, 4
+    teacher = torch.tensor([[4.0, 1.0, 4.0]])
     loss = margin_floor_per_sample(student, teacher)
-    # negative 1: the student's margin (2) is already wider than the teacher's (1): no loss;
-    # negative 2: the teacher's margin (4) is 1 wider than the student's (3): (1)^2, mean over 2.
-    assert loss.item() == pytest.approx(0.5)
+    # negative 1: floor 2.6458 > the student's margin 2: (0.6458)^2; negative 2: floor 0 < 3: none
+    assert loss.item() == pytest.approx((3 * (14 / 9) ** 0.5 / 2 ** 0.5 - 2) ** 2 / 2, rel=1e-5)
     loss.sum().backward()
-    # only negative 2 and the positive move: positive up, negative 2 down; negative 1 untouched
-    assert student.grad[0, 1].item() == 0.0
-    assert student.grad[0, 0].item() < 0 < student.grad[0, 2].item()
-    masked = torch.tensor([[5.0, 4.0, -1.0e4], [5.0, -1.0e4, -1.0e4]])
-    got = margin_floor_per_sample(torch.tensor([[3.0, 3.0, 0.0], [3.0, 1.0, 0.0]]), masked)
-    assert got.tolist() == pytest.approx([1.0, 0.0])  # a left-out column does not count
+    assert student.grad[0, 2].item() == 0.0       # negative 2 is left where it is
+    assert student.grad[0, 0].item() < 0 < student.grad[0, 1].item()
+    # only the teacher's order and relative gaps count: an affine change of its logits is the same
+    same = margin_floor_per_sample(student.detach(), 7.0 * teacher - 3.0)
+    assert same.item() == pytest.approx(loss.item(), rel=1e-5)
+    # a student whose margins are already wider than the rescaled teacher's: nothing to learn
+    assert margin_floor_per_sample(torch.tensor([[9.0, 0.0, 0.0]]), teacher).item() == 0.0
+    # a left-out teacher column does not count; a row with none kept is 0
+    masked = torch.tensor([[4.0, 1.0, -1.0e4], [5.0, -1.0e4, -1.0e4]])
+    got = margin_floor_per_sample(torch.tensor([[3.0, 2.0, 0.0], [3.0, 1.0, 0.0]]), masked)
+    # row 0 over its two kept columns: student [3, 2] std 0.5, teacher standardised [1, -1]:
+    # floor 2 * 0.5 = 1 = the student's margin 1, so no shortfall
+    assert got.tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
 def test_denoised_ce_counts_teacher_near_positives_as_positives():

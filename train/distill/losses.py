@@ -111,12 +111,18 @@ def standardized_rows(logits: torch.Tensor) -> torch.Tensor:
     target's sharpness a choice (the KD temperature), not an accident of the teacher's training.
     """
     logits = _at_least_float32(logits)
+    kept, mean, std = _row_moments(logits)
+    return torch.where(kept, (logits - mean) / std.clamp_min(1e-6), logits)
+
+
+def _row_moments(logits: torch.Tensor):
+    """(kept [Q, C] bool, mean [Q, 1], standard deviation [Q, 1]) of each row over its kept columns
+    (logits > -1e3)."""
     kept = logits > _LEFT_OUT
     count = kept.sum(dim=1, keepdim=True).clamp_min(1)
     mean = torch.where(kept, logits, 0.0).sum(dim=1, keepdim=True) / count
     var = torch.where(kept, (logits - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / count
-    standardized = (logits - mean) / var.sqrt().clamp_min(1e-6)
-    return torch.where(kept, standardized, logits)
+    return kept, mean, var.sqrt()
 
 
 def _margin_gaps(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
@@ -148,7 +154,9 @@ def margin_mse_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Te
 
 
 def margin_floor_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """One-sided Margin-MSE: mean over the kept negatives k of relu((t_0 - t_k) - (s_0 - s_k))^2.
+    """One-sided Margin-MSE against the teacher rescaled to the student's spread: mean over the kept
+    negatives k of relu((t'_0 - t'_k) - (s_0 - s_k))^2, where t' is the teacher's row standardised
+    and multiplied by the standard deviation of the student's row (no gradient through either).
 
     Why one-sided: KL and Margin-MSE also pull the student's margins DOWN wherever it separates a
     negative more than the teacher does, which undoes what the contrastive loss learns whenever the
@@ -156,6 +164,10 @@ def margin_floor_per_sample(student_logits: torch.Tensor, teacher_logits: torch.
     teacher, and every two-sided term cost 18-24 RSUM). The floor only pushes a negative away where
     the teacher separates it from the positive by more than the student does (e.g. a twin that
     differs in binding), and leaves the student's own, wider margins alone.
+    Why rescaled: the teacher's raw margins are 10-20 logits where the student's are ~1 early on, so
+    a raw floor is hundreds of units of loss that the student meets by inflating its logit scale,
+    not by reordering; in the student's own units the floor asks for the teacher's ORDER and
+    relative gaps only.
 
     Args:
         student_logits, teacher_logits: [Q, C], positive at column 0 (left-out columns <= -1e3 in
@@ -163,8 +175,14 @@ def margin_floor_per_sample(student_logits: torch.Tensor, teacher_logits: torch.
     Returns:
         [Q] losses (0 for a row with no kept negative).
     """
-    gap, kept = _margin_gaps(student_logits, teacher_logits)
-    return (torch.relu(-gap).pow(2) * kept).sum(dim=1) / kept.sum(dim=1).clamp_min(1.0)
+    student_logits = _at_least_float32(student_logits)
+    teacher_logits = _at_least_float32(teacher_logits.detach())
+    kept = teacher_logits > _LEFT_OUT
+    # the student's spread over the same kept columns, as a constant: the target's unit, not a lever
+    _, _, student_std = _row_moments(student_logits.detach().masked_fill(~kept, 2 * _LEFT_OUT))
+    teacher_rescaled = torch.where(kept, standardized_rows(teacher_logits) * student_std, teacher_logits)
+    gap, kept_negatives = _margin_gaps(student_logits, teacher_rescaled)
+    return (torch.relu(-gap).pow(2) * kept_negatives).sum(dim=1) / kept_negatives.sum(dim=1).clamp_min(1.0)
 
 
 def denoised_ce_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
