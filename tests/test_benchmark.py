@@ -69,3 +69,25 @@ def test_bad_paths_exit_2(tmp_path, capsys):
                  "--shards", str(tmp_path / "missing"), "--out", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_train_benchmark_ratios_are_taken_within_each_round():
+    """A round whose load doubled every stage must not move the ratio: each round's distill time is
+    divided by the student's of the SAME round, then the median is taken over rounds."""
+    from tools.benchmark_train import median_breakdown, median_ratio
+    quiet = {"student": {"time/step": 0.30}, "distill": {"time/step": 0.54}}
+    loaded = {"student": {"time/step": 0.60}, "distill": {"time/step": 1.08}}
+    odd = {"student": {"time/step": 0.30}, "distill": {"time/step": 1.20}}
+    assert median_ratio([quiet, loaded, odd], "distill") == pytest.approx(1.8)
+    assert median_ratio([quiet], "stored") is None
+    stages = median_breakdown([quiet, loaded, odd])
+    assert stages["student"]["time/step"] == pytest.approx(0.30)
+    assert stages["distill"]["time/step"] == pytest.approx(1.08)
+
+
+def test_train_benchmark_rejects_zero_rounds(tmp_path, capsys):
+    (tmp_path / "train.json").write_text("{}")
+    code = main(["train", "--shards", str(tmp_path), "--teacher", "film-tiny", "--rounds", "0",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--rounds 0" in capsys.readouterr().err
