@@ -14,6 +14,8 @@ shards, steps and batch; only the objective differs):
   dcd_denoised  --objective denoised                  teacher-near-positive candidates as positives
   dcd_margin    --objective margin                    KD = Margin-MSE
   dcd_margin_floor --objective margin_floor           KD = one-sided Margin-MSE (teacher margins as a floor)
+  dcd_every_query  tools/recipes.EVERY_QUERY_KD       KD over every query's top-3 proposals, i2t only
+                                                      (the recipe ./launch.sh's DCD step trains with)
 (the objective variants keep the default weighting). With --signals stored (or auto, when it is
 faster end to end: see `stored_is_faster`), one scoring pass (tools/score_teacher.py, proposer
 --proposer or the first contrastive run's student) serves every DCD variant that ranks with the
@@ -36,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from tools.recipes import EVERY_QUERY_KD
 from tools.signal_cost import stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,8 +53,9 @@ VARIANTS = {
     "dcd_denoised": ["--stage", "distill", "--objective", "denoised"],
     "dcd_margin": ["--stage", "distill", "--objective", "margin"],
     "dcd_margin_floor": ["--stage", "distill", "--objective", "margin_floor"],
+    "dcd_every_query": ["--stage", "distill", *EVERY_QUERY_KD],
 }
-DEFAULT_VARIANTS = ("contrastive", "kd_random", "dcd_entropy", "dcd_wsl", "dcd_none")
+DEFAULT_VARIANTS = ("contrastive", "kd_random", "dcd_entropy", "dcd_wsl", "dcd_none", "dcd_every_query")
 SIGNAL_MODES = ("online", "stored", "auto")
 COLUMNS = ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum", "binding_acc"]
 

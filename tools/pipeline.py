@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+from tools.recipes import EVERY_QUERY_KD  # noqa: E402
 from tools.report import write_results  # noqa: E402
 from tools.signal_cost import stored_is_faster  # noqa: E402
 
@@ -153,6 +154,9 @@ def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: st
     p.step("dcd", dcd / "config.json",
            [p.train("distill", run / "dcd", sizes["distill_steps"],
                     *signal_flags(p, run, sizes, teacher, baseline, signals),
+                    # the measured-best DCD flags (tools/recipes.py); the published objective is
+                    # tools/ablate.py's dcd_entropy row
+                    *EVERY_QUERY_KD,
                     # ramp the distillation terms in over the first half: from scratch the student's
                     # first proposals are random (400 steps: test RSUM 379.0 with, 362.3 without)
                     "--distill-warmup-steps", str(max(sizes["distill_steps"] // 2, 1)))])
