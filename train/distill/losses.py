@@ -115,10 +115,10 @@ def standardized_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(kept, (logits - mean) / std.clamp_min(1e-6), logits)
 
 
-def _row_moments(logits: torch.Tensor):
+def _row_moments(logits: torch.Tensor, kept: torch.Tensor | None = None):
     """(kept [Q, C] bool, mean [Q, 1], standard deviation [Q, 1]) of each row over its kept columns
-    (logits > -1e3)."""
-    kept = logits > _LEFT_OUT
+    (by default logits > -1e3; `kept` names them when another tensor decides)."""
+    kept = logits > _LEFT_OUT if kept is None else kept
     count = kept.sum(dim=1, keepdim=True).clamp_min(1)
     mean = torch.where(kept, logits, 0.0).sum(dim=1, keepdim=True) / count
     var = torch.where(kept, (logits - mean) ** 2, 0.0).sum(dim=1, keepdim=True) / count
@@ -136,6 +136,11 @@ def _margin_gaps(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     return student_margin - teacher_margin, kept
 
 
+def _mean_over_kept(values: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Row means of `values` over the kept (1.0) columns; 0 for a row with none kept."""
+    return (values * kept).sum(dim=1) / kept.sum(dim=1).clamp_min(1.0)
+
+
 def margin_mse_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Margin-MSE (Hofstaetter et al.): mean over the kept negatives k of
     ((s_0 - s_k) - (t_0 - t_k))^2, positive at column 0.
@@ -150,7 +155,7 @@ def margin_mse_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Te
         [Q] losses (0 for a row with no kept negative).
     """
     gap, kept = _margin_gaps(student_logits, teacher_logits)
-    return (gap.pow(2) * kept).sum(dim=1) / kept.sum(dim=1).clamp_min(1.0)
+    return _mean_over_kept(gap.pow(2), kept)
 
 
 def margin_floor_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -179,10 +184,10 @@ def margin_floor_per_sample(student_logits: torch.Tensor, teacher_logits: torch.
     teacher_logits = _at_least_float32(teacher_logits.detach())
     kept = teacher_logits > _LEFT_OUT
     # the student's spread over the same kept columns, as a constant: the target's unit, not a lever
-    _, _, student_std = _row_moments(student_logits.detach().masked_fill(~kept, 2 * _LEFT_OUT))
+    _, _, student_std = _row_moments(student_logits.detach(), kept)
     teacher_rescaled = torch.where(kept, standardized_rows(teacher_logits) * student_std, teacher_logits)
     gap, kept_negatives = _margin_gaps(student_logits, teacher_rescaled)
-    return (torch.relu(-gap).pow(2) * kept_negatives).sum(dim=1) / kept_negatives.sum(dim=1).clamp_min(1.0)
+    return _mean_over_kept(torch.relu(-gap).pow(2), kept_negatives)
 
 
 def denoised_ce_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
