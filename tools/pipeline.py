@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from tools.recipes import EVERY_QUERY_KD
+from tools.report import write_results
+from tools.signal_cost import stored_is_faster
 
-from tools.recipes import EVERY_QUERY_KD  # noqa: E402
-from tools.report import write_results  # noqa: E402
-from tools.signal_cost import stored_is_faster  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 # Sizes of the default pipeline, chosen by measurement on a 2-core CPU to fit 15 minutes (README).
 # The teacher needs ~1,000-1,600 steps (~6 minutes for 1,600) to learn the binding and the rest
