@@ -11,7 +11,7 @@ from tests.fixtures import DEEPSPEED, free_port, make_synthetic_shards, run_env,
 from train.clustered import ClusteredBatches, compose_global_batch
 from train.distill.stored import StoredSignals, table_from_scores
 from train.eval_split import EvalSplit
-from train.signals import SignalsError, load_split, shards_fingerprint, write_split
+from train.signals import SignalsError, check_covers, load_split, shards_fingerprint, write_split
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = {"spec": "t", "fingerprint": "teacher-fp"}
@@ -86,6 +86,67 @@ def test_clustered_batch_holds_queries_and_their_top_candidates():
     for seed in (3, 7, 11, 19):
         best = int(table.i2t_index[seed, table.i2t_score[seed].argmax()])
         assert best in captions or int(table.caption_image[best]) in images
+
+
+def test_clustered_batch_fills_only_from_the_candidates_the_objective_reads():
+    """An i2t-only run reading the first 2 candidates: every fill row is one of those (the seeds'
+    t2i candidates and later i2t ones would take rows from candidates the loss uses)."""
+    table = random_table(images=60, captions_per_image=2, M=4, seed=1)
+    seeds, taken = [], set()  # seeds whose first 2 candidates are 2 images no other seed uses
+    for image in range(60):
+        candidate_images = set(table.caption_image[table.i2t_index[image, :2]].tolist())
+        if len(seeds) < 4 and len(candidate_images) == 2 and not (candidate_images | {image}) & taken:
+            seeds.append(image)
+            taken |= candidate_images | {image}
+    rows = compose_global_batch(table, seeds=seeds, world=2, batch_size=6, queries=2,
+                                g=torch.Generator().manual_seed(0), directions=("i2t",), candidates=2)
+    read = {(int(table.caption_image[c]), c) for s in seeds for c in table.i2t_index[s, :2].tolist()}
+    fills = [r for r in rows if r[0] not in seeds]
+    assert len(fills) == 8 and set(fills) <= read  # 4 seeds x 2 candidates fill the 8 free rows exactly
+    # with one free row per seed, each seed's first fill is the candidate its teacher scores highest
+    rows = compose_global_batch(table, seeds=seeds, world=2, batch_size=4, queries=2,
+                                g=torch.Generator().manual_seed(0), directions=("i2t",), candidates=2)
+    best = {int(table.i2t_index[s, table.i2t_score[s, :2].argmax()]) for s in seeds}
+    assert {c for i, c in rows if i not in seeds} == best
+
+
+def test_an_i2t_only_table_round_trips_and_refuses_t2i_runs(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "train.json").write_text(json.dumps({"split": "train", "fingerprint": "abc"}))
+    full = random_table(M=3)
+    table = full._replace(t2i_index=full.t2i_index[:, :0], t2i_score=full.t2i_score[:, :0])
+    write_split(tmp_path / "signals", "train", table, TEACHER, PROPOSER,
+                {"shards_fingerprint": shards_fingerprint(shards, "train"), "candidates": 3,
+                 "directions": ["i2t"]})
+    loaded, _ = load_split(tmp_path / "signals", "train", shards)
+    assert loaded.candidates("i2t") == 3 and loaded.candidates("t2i") == 0
+    check_covers(loaded, ("i2t",), 3, "sig")
+    with pytest.raises(SignalsError, match="no t2i candidates stored") as err:
+        check_covers(loaded, ("i2t", "t2i"), 3, "sig")
+    assert str(err.value).startswith("sig:") and "\n" not in str(err.value)
+    with pytest.raises(SignalsError, match="3 i2t candidates stored, --candidates 4"):
+        check_covers(loaded, ("i2t",), 4, "sig")
+
+
+def test_an_i2t_only_pass_proposes_the_same_captions_and_scores_a_fifth_of_the_pairs():
+    """tools/score_teacher.py --directions i2t: the same top-M captions per image as the full pass,
+    no images per caption, so 1 + M pairs per image (M per image and M + 1 per caption in full)."""
+    from tools.score_teacher import propose
+    from train.distill.stored import signal_pairs
+    from train.models.presets import build_student
+    torch.manual_seed(0)
+    proposer = build_student("student-tiny", tokenizer_dir=REPO / "assets/teacher-film/tokenizer").eval()
+    g = torch.Generator().manual_seed(0)
+    split = EvalSplit(pixels=torch.randint(0, 256, (10, 3, 32, 32), generator=g, dtype=torch.uint8),
+                      captions=[f"a red cube number {c}" for c in range(50)],
+                      caption_image_index=torch.arange(10).repeat_interleave(5), image_ids=torch.arange(10),
+                      twin_index=torch.full((10,), -1), keys=[str(i) for i in range(10)])
+    full_i2t, full_t2i = propose(proposer, split, 3, rank=0, world=1)
+    i2t, t2i = propose(proposer, split, 3, rank=0, world=1, directions=("i2t",))
+    assert torch.equal(i2t, full_i2t) and full_t2i.shape == (50, 3) and t2i.shape == (50, 0)
+    images, captions = signal_pairs(i2t, t2i, split.caption_image_index)
+    assert images.numel() == 10 * 3 + 50 and torch.equal(captions[30:], torch.arange(50))
 
 
 def test_clustered_batches_are_rank_slices_of_one_global_batch_and_resume_exactly():

@@ -8,6 +8,9 @@ the shards for `train/run.py --stage distill --teacher-signals PATH`.
 1. The proposer (a dual encoder, e.g. the contrastive baseline) embeds every image and caption of
    the split once (each rank a block); for every image its top-M captions of the WHOLE split, for
    every caption its top-M images (exact: chunked matrix product + topk, own image's pairs excluded).
+   `--directions i2t` proposes (and scores) captions for images only: the runs that distil image->text
+   only (tools/recipes.py) read nothing else, and the pass scores 1 + M pairs per image instead of
+   about 6M + 5.
 2. The teacher, a ZeRO-3 inference engine across the ranks as in distillation, scores those pairs
    and every positive, in chunks of pairs split across the ranks. Rank 0 keeps each finished chunk
    in `PATH/.partial-{split}-{key}/` (key: teacher, proposer, shards, M), so a killed pass started
@@ -30,7 +33,7 @@ import torch
 
 from train import comm, failure
 from train import engine as ds_engine
-from train.config import ConfigError
+from train.config import ConfigError, parse_directions
 from train.distill.stored import exact_top_candidates, signal_pairs, table_from_scores
 from train.eval_split import read_eval_split
 from train.evaluation import (block_of_rank, embed_images, embed_texts, model_fingerprint,
@@ -50,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--teacher", required=True, help="teacher folder or preset")
     p.add_argument("--proposer", required=True, help="dual encoder folder or preset that proposes candidates")
     p.add_argument("--candidates", type=int, default=16, help="M: candidates per image and per caption")
+    p.add_argument("--directions", default="i2t,t2i",
+                   help="what to propose and score: i2t (captions per image), t2i (images per caption) or both; "
+                        "the positives are always scored")
     p.add_argument("--out", required=True, help="signals folder (manifest.json + {split}.pt)")
     p.add_argument("--teacher-zero", type=int, choices=(0, 3), help="default 3 with more than one rank")
     p.add_argument("--max-images", type=int, help="score the first N images of the split (measurements)")
@@ -60,6 +66,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.candidates < 1 or args.pairs_per_call < 1 or args.pairs_per_chunk < 1:
         raise ConfigError("--candidates, --pairs-per-call and --pairs-per-chunk must be >= 1")
+    args.directions = parse_directions(args.directions)
     return args
 
 
@@ -70,19 +77,25 @@ def _block_gather(values: torch.Tensor, total: int, world: int) -> torch.Tensor:
     return comm.gather_blocks(values.double(), total, world).to(values.dtype)
 
 
-def propose(proposer, split, M: int, rank: int, world: int):
-    """Step 1: the proposer's top-M captions per image and images per caption (rows of the split)."""
+def propose(proposer, split, M: int, rank: int, world: int, directions=("i2t", "t2i")):
+    """Step 1: the proposer's top-M captions per image and images per caption (rows of the split); a
+    direction not asked for gets M = 0 columns."""
     images = _block_gather(embed_images(proposer, split.pixels[slice(*block_of_rank(split.num_images, rank, world))]),
                            split.num_images, world)
     start, end = block_of_rank(split.num_captions, rank, world)
     texts = _block_gather(embed_texts(proposer, split.captions[start:end]), split.num_captions, world)
     image_rows, caption_image = torch.arange(split.num_images), split.caption_image_index
     start, end = block_of_rank(split.num_images, rank, world)
-    i2t, _ = exact_top_candidates(images[start:end], texts, image_rows[start:end], caption_image, M)
-    i2t = _block_gather(i2t, split.num_images, world)
-    start, end = block_of_rank(split.num_captions, rank, world)
-    t2i, _ = exact_top_candidates(texts[start:end], images, caption_image[start:end], image_rows, M)
-    return i2t, _block_gather(t2i, split.num_captions, world)
+    i2t = t2i = None
+    if "i2t" in directions:
+        i2t, _ = exact_top_candidates(images[start:end], texts, image_rows[start:end], caption_image, M)
+        i2t = _block_gather(i2t, split.num_images, world)
+    if "t2i" in directions:
+        start, end = block_of_rank(split.num_captions, rank, world)
+        t2i, _ = exact_top_candidates(texts[start:end], images, caption_image[start:end], image_rows, M)
+        t2i = _block_gather(t2i, split.num_captions, world)
+    return (torch.empty(split.num_images, 0, dtype=torch.long) if i2t is None else i2t,
+            torch.empty(split.num_captions, 0, dtype=torch.long) if t2i is None else t2i)
 
 
 def padded_chunk(images: torch.Tensor, captions: torch.Tensor, multiple: int):
@@ -126,9 +139,13 @@ def score_chunks(teacher, split, pairs, work: Path, args, rank: int, world: int)
     return scores
 
 
-def work_folder(out: Path, split: str, teacher_fp: str, proposer_fp: str, split_fp: str, M: int) -> Path:
+def work_folder(out: Path, split: str, teacher_fp: str, proposer_fp: str, split_fp: str, M: int,
+                directions=("i2t", "t2i")) -> Path:
     """The resume folder of exactly this pass: other flags or models never reuse its chunks."""
-    key = hashlib.blake2b(f"{teacher_fp}:{proposer_fp}:{split_fp}:{M}".encode(), digest_size=6).hexdigest()
+    key = f"{teacher_fp}:{proposer_fp}:{split_fp}:{M}"
+    if tuple(directions) != ("i2t", "t2i"):  # both directions keep the key they always had
+        key += ":" + ",".join(directions)
+    key = hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
     return out / f".partial-{split}-{key}"
 
 
@@ -167,16 +184,18 @@ def main(argv=None) -> int:
         shards_fp = f"{shards_fp}:first-{split.num_images}"
     teacher, teacher_fp, proposer, proposer_fp = load_models(args, world, ds)
     out = Path(args.out)
-    work = work_folder(out, args.split, teacher_fp, proposer_fp, split.fingerprint, args.candidates)
+    work = work_folder(out, args.split, teacher_fp, proposer_fp, split.fingerprint, args.candidates,
+                       args.directions)
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    i2t, t2i = propose(proposer, split, args.candidates, rank, world)
+    i2t, t2i = propose(proposer, split, args.candidates, rank, world, args.directions)
     proposal_seconds = time.perf_counter() - started
     pairs = signal_pairs(i2t, t2i, split.caption_image_index)
     scores = score_chunks(teacher, split, pairs, work, args, rank, world)
     seconds = time.perf_counter() - started
-    entry = dict(shards_fingerprint=shards_fp, candidates=int(i2t.shape[1]), images=split.num_images,
+    entry = dict(shards_fingerprint=shards_fp, candidates=int(max(i2t.shape[1], t2i.shape[1])),
+                 directions=list(args.directions), images=split.num_images,
                  captions=split.num_captions, pairs=int(scores.numel()), seconds=round(seconds, 2),
                  proposal_seconds=round(proposal_seconds, 2),
                  pairs_per_s=round(scores.numel() / max(seconds - proposal_seconds, 1e-9), 1), ranks=world)

@@ -4,9 +4,10 @@ The stored candidates of a query come from the whole split (the proposer's top-M
 drawn at random almost none of them is in the pool, and a candidate absent from the pool cannot be
 scored by the student. As TAS-Balanced composes batches from a query's neighbours, each global batch
 here is composed from its distilled queries (the first `queries` rows of every rank, the rows
-dcd_loss distils) and their stored candidates, the teacher's highest first, taken in turns over the
-queries and directions until the W x B rows are full (an image enters once; an i2t candidate brings
-its image with that caption). The InfoNCE term sees the same batch, harder than a random one.
+dcd_loss distils) and their stored candidates (the first M the objective reads, of the directions it
+distils), the teacher's highest first, taken in turns over the queries and directions until the
+W x B rows are full (an image enters once; an i2t candidate brings its image with that caption).
+The InfoNCE term sees the same batch, harder than a random one.
 
 Every rank composes the same global batch from (seed, batch number) alone and keeps its own B rows:
 no communication, and a resumed run at batch N gets exactly batch N again. The split is held in
@@ -27,25 +28,39 @@ def _caption_of(signals: StoredSignals, image: int, g: torch.Generator, starts, 
     return int(starts[image]) + int(torch.randint(int(counts[image]), (1,), generator=g))
 
 
+def _teacher_ordered(index: torch.Tensor, score: torch.Tensor, rows: List[int], M: int) -> List[List[int]]:
+    """The first M stored candidates of each of `rows`, highest teacher score first."""
+    index, score = index[rows, :M], score[rows, :M]
+    return index.gather(1, score.argsort(dim=1, descending=True)).tolist()
+
+
 def compose_global_batch(signals: StoredSignals, seeds: List[int], world: int, batch_size: int,
-                         queries: int, g: torch.Generator) -> List[Tuple[int, int]]:
+                         queries: int, g: torch.Generator, directions: Tuple[str, ...] = ("i2t", "t2i"),
+                         candidates: int | None = None) -> List[Tuple[int, int]]:
     """(image row, caption row) of every row of the global batch, rank-major: rank r's rows are
-    r * B ... r * B + B - 1, its first `queries` the seed queries `seeds[r * queries:...]`."""
+    r * B ... r * B + B - 1, its first `queries` the seed queries `seeds[r * queries:...]`. Fill rows
+    come from the first `candidates` (default: all) stored candidates of `directions` only: a
+    candidate the objective never reads would take a row from one it does."""
     counts = torch.bincount(signals.caption_image, minlength=signals.image_ids.shape[0])
     starts = torch.cumsum(counts, 0) - counts
     chosen = {image: _caption_of(signals, image, g, starts, counts) for image in seeds}
     fill_rows = world * (batch_size - queries)
     fills: List[Tuple[int, int]] = []
-    # each query's candidates in decreasing teacher score, both directions interleaved; as lists,
-    # since the loop below runs in the training process between steps
-    seed_captions = [chosen[s] for s in seeds]
-    i2t = signals.i2t_index[seeds].gather(1, signals.i2t_score[seeds].argsort(dim=1, descending=True))
-    t2i = signals.t2i_index[seed_captions].gather(1, signals.t2i_score[seed_captions].argsort(dim=1, descending=True))
-    i2t_images = signals.caption_image[i2t].tolist()
-    i2t, t2i = i2t.tolist(), t2i.tolist()
-    for k in range(signals.candidates):
-        for q, image in enumerate(seeds):
-            for candidate_image, candidate_caption in ((i2t_images[q][k], i2t[q][k]), (t2i[q][k], None)):
+    # each query's candidates in decreasing teacher score, the directions interleaved; as lists,
+    # since the loop below runs in the training process between steps. An i2t candidate is
+    # (its caption's image, that caption); a t2i candidate an image whose caption is drawn below.
+    M = max(signals.candidates(d) for d in directions) if candidates is None else candidates
+    per_query = [[] for _ in seeds]
+    if "i2t" in directions:
+        for q, captions in enumerate(_teacher_ordered(signals.i2t_index, signals.i2t_score, seeds, M)):
+            per_query[q].append([(int(signals.caption_image[c]), c) for c in captions])
+    if "t2i" in directions:
+        seed_captions = [chosen[s] for s in seeds]
+        for q, images in enumerate(_teacher_ordered(signals.t2i_index, signals.t2i_score, seed_captions, M)):
+            per_query[q].append([(i, None) for i in images])
+    for k in range(M):
+        for lists in per_query:
+            for candidate_image, candidate_caption in (c[k] for c in lists if k < len(c)):
                 if len(fills) == fill_rows:
                     break
                 if candidate_image in chosen:
@@ -72,13 +87,15 @@ class ClusteredBatches:
     stored candidates; `skipped` is empty (the split was read whole before training)."""
 
     def __init__(self, split: EvalSplit, signals: StoredSignals, batch_size: int, queries: int, rank: int,
-                 world: int, seed: int, start_batch: int, tokenizer, max_length: int):
+                 world: int, seed: int, start_batch: int, tokenizer, max_length: int,
+                 directions: Tuple[str, ...] = ("i2t", "t2i"), candidates: int | None = None):
         if split.num_images < world * batch_size:
             raise ValueError(f"split '{split.name}' has {split.num_images} images, fewer than a global "
                              f"batch ({world} x {batch_size})")
         self.split, self.signals, self.tokenizer, self.max_length = split, signals, tokenizer, max_length
         self.batch_size, self.queries, self.rank, self.world = batch_size, queries, rank, world
         self.seed, self.start_batch, self.skipped = seed, start_batch, {}
+        self.directions, self.candidates = tuple(directions), candidates
         self.seeds_per_batch = world * queries
         self.batches_per_epoch = max(1, split.num_images // self.seeds_per_batch)
         # every caption tokenized once: tokenizing each batch in the training process cost more
@@ -101,7 +118,8 @@ class ClusteredBatches:
             self.seed * 1_000_003 + epoch)).tolist()
         seeds = order[position * self.seeds_per_batch:(position + 1) * self.seeds_per_batch]
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * index + 1)
-        return compose_global_batch(self.signals, seeds, self.world, self.batch_size, self.queries, g)
+        return compose_global_batch(self.signals, seeds, self.world, self.batch_size, self.queries, g,
+                                    self.directions, self.candidates)
 
     def batch(self, index: int) -> dict:
         rows = self.global_rows(index)[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]

@@ -21,7 +21,7 @@ from train.eval_split import read_eval_split
 from train.evaluation import embed_images, embed_texts, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
 from train.models.presets import build_student, build_teacher, load_student
-from train.signals import SignalsError, load_split
+from train.signals import SignalsError, check_covers, load_split
 from train.models.teacher_training import teacher_matching_loss
 from train.pictures import ranking_picture
 from train.validation_source import validation_source
@@ -274,11 +274,9 @@ class StoredDistillObjective(StudentObjective):
         if not same_rows:
             raise SignalsError(f"{d.teacher_signals}: rows of split '{cfg.data.train_split}' differ from "
                                f"{cfg.data.shards}; score it again")
-        if signals.candidates < d.candidates:
-            raise SignalsError(f"{d.teacher_signals}: {signals.candidates} candidates stored, "
-                               f"--candidates {d.candidates} asked; score with --candidates {d.candidates}")
-        self.signals = StoredSignals(*(t.to(dev) for t in signals))
         self.dcd = cfg.distill.dcd_config()
+        check_covers(signals, self.dcd.directions, self.dcd.candidates, d.teacher_signals)
+        self.signals = StoredSignals(*(t.to(dev) for t in signals))
         batch = ds["train_micro_batch_size_per_gpu"]
         # the seed queries of a clustered batch are the rows dcd_loss distils: its first distill_queries
         self.queries = min(self.dcd.distill_queries or batch // 4, batch // 2) or 1
@@ -289,7 +287,7 @@ class StoredDistillObjective(StudentObjective):
         t, data = self.cfg.train, self.cfg.data
         return ClusteredBatches(self.split, StoredSignals(*(x.cpu() for x in self.signals)), t.batch_size,
                                 self.queries, self.rank, self.world, t.seed, start_batch, self.data_tokenizer,
-                                data.max_length)
+                                data.max_length, self.dcd.directions, self.dcd.candidates)
 
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)

@@ -123,3 +123,17 @@ def load_split(folder, split: str, shards_dir, teacher_fingerprint: Optional[str
     except Exception as err:  # noqa: BLE001 - any unreadable table is one line naming it
         raise SignalsError(f"{table}: unreadable teacher signals ({type(err).__name__})") from None
     return signals, manifest
+
+
+def check_covers(signals: StoredSignals, directions, candidates: int, folder) -> None:
+    """The table holds at least `candidates` candidates for each direction a run distils (a pass
+    made with --directions i2t holds none for t2i)."""
+    for direction in directions:
+        stored = signals.candidates(direction)
+        if stored == 0:
+            raise SignalsError(f"{folder}: no {direction} candidates stored (the pass ran without "
+                               f"--directions {direction}); score with --directions {','.join(directions)} "
+                               f"or train without {direction}")
+        if stored < candidates:
+            raise SignalsError(f"{folder}: {stored} {direction} candidates stored, --candidates {candidates} "
+                               f"asked; score with --candidates {candidates}")

@@ -36,9 +36,9 @@ class StoredSignals(NamedTuple):
     t2i_score: torch.Tensor       # float [C, M] teacher logit of (proposed image, caption)
     positive_score: torch.Tensor  # float [C] teacher logit of (own image, caption)
 
-    @property
-    def candidates(self) -> int:
-        return int(self.i2t_index.shape[1])
+    def candidates(self, direction: str) -> int:
+        """M stored for a direction; 0 for a direction the pass did not score (--directions)."""
+        return int((self.i2t_index if direction == "i2t" else self.t2i_index).shape[1])
 
     def caption_start(self) -> torch.Tensor:
         """[N] the first caption row of each image."""
@@ -118,7 +118,6 @@ def stored_candidates_in_pool(pool_image_rows: torch.Tensor, pool_caption_rows: 
         scored: the same with 0 where absent (a column the masked rows may gather), _TeacherScores whose pair logits are
         the positives' scores, then each direction's [n * M] scores, -inf where absent).
     """
-    M = min(cfg.candidates, signals.candidates)
     G = pool_image_rows.shape[0]
     positions = torch.arange(G, device=pool_image_rows.device)
     image_at = torch.full((signals.image_ids.shape[0],), -1, dtype=torch.long, device=positions.device)
@@ -129,6 +128,7 @@ def stored_candidates_in_pool(pool_image_rows: torch.Tensor, pool_caption_rows: 
     pieces = [signals.positive_score[query_captions]]
     proposals, scored, spans, start = {}, {}, {}, own.shape[0]
     for d in cfg.directions:
+        M = min(cfg.candidates, signals.candidates(d))
         if d == "i2t":
             rows, scores, at = signals.i2t_index[query_images, :M], signals.i2t_score[query_images, :M], caption_at
         else:
