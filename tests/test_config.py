@@ -17,6 +17,18 @@ def test_flags_override_file_and_defaults(tmp_path):
     assert cfg.distill.hard_negatives == 7   # default
 
 
+def test_none_on_the_command_line_sets_an_optional_number_to_none(tmp_path):
+    """`--distill-queries none` says on the command line what `null` says in a file (every query),
+    even over a file that set a number; a non-number is still refused by argparse."""
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"distill": {"distill_queries": 8}}))
+    assert parse_config(["--config", str(cfg_file)]).distill.distill_queries == 8
+    assert parse_config(["--config", str(cfg_file), "--distill-queries", "None"]).distill.distill_queries is None
+    assert parse_config(["--distill-queries", "4"]).distill.distill_queries == 4
+    with pytest.raises(SystemExit):
+        parse_config(["--distill-queries", "all"])
+
+
 def test_stage_defaults_and_world_dependent_teacher_zero():
     teacher = parse_config(["--stage", "teacher"], world_size=2)
     assert teacher.data.twins_in_batch is True and teacher.train.lr == 1e-3

@@ -199,6 +199,18 @@ def _base_type(tp):
     return tp
 
 
+def _is_optional(tp) -> bool:
+    return get_origin(tp) is not None and type(None) in get_args(tp)
+
+
+def _none_or(tp):
+    """An argparse type for an Optional number: the word none, or a number."""
+    def parse(text: str):
+        return None if text.strip().lower() == "none" else tp(text)
+    parse.__name__ = tp.__name__  # argparse names the type in its error: "invalid int value"
+    return parse
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -214,6 +226,8 @@ _RESOLVED_DEFAULTS = {
     "teacher_zero": "3 with more than one rank, else 0",
     "image_size": "the largest of the teacher's and the student's own sizes (64 for the project's models)",
 }
+# What `--flag none` means for the Optional numbers whose default is not None.
+_NONE_MEANS = {"distill_queries": "every local query"}
 _STAGE_DEFAULT_UNSET = {"warmup_steps": "10% of the steps", "batch_size": "the ds config's micro batch"}
 
 
@@ -255,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
             if tp is bool:
                 kwargs["type"] = _parse_bool
                 kwargs["metavar"] = "BOOL"
+            elif tp in (int, float) and _is_optional(index[f.name][1]):
+                kwargs["type"] = _none_or(tp)  # `--distill-queries none`: what a file's null says
+                if f.name in _NONE_MEANS:
+                    kwargs["help"] = kwargs["help"][:-1] + f"; none: {_NONE_MEANS[f.name]})"
             else:
                 kwargs["type"] = tp
             if f.name == "stage":
@@ -278,7 +296,7 @@ def checked_value(name: str, value, tp, origin: str, section: str):
     A JSON file has types, so a string where a number belongs ("0.5") is an error, not a guess;
     an integer where a float belongs is the same number. None is allowed for Optional fields."""
     where = f"{origin}: field '{section}.{name}'"
-    optional = get_origin(tp) is not None and type(None) in get_args(tp)
+    optional = _is_optional(tp)
     base = _base_type(tp)
     if value is None and optional:
         return value
