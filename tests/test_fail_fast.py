@@ -98,6 +98,39 @@ def _wait_ready(proc):
     assert proc.stdout.readline().strip() == "ready"
 
 
+def test_sigterm_to_the_pipeline_stops_its_running_step(tmp_path):
+    """./launch.sh's pipeline signalled alone (as a scheduler does) passes SIGTERM on to the step it
+    runs, here a stand-in launcher, and stops with 143 and its line: no training is left running."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(textwrap.dedent(f"""
+        import os, signal, sys, time
+        def stop(signum, frame):
+            open({str(tmp_path / "stopped")!r}, "w").write(signal.Signals(signum).name)
+            sys.exit(143)
+        signal.signal(signal.SIGTERM, stop)
+        open({str(tmp_path / "pid")!r}, "w").write(str(os.getpid()))
+        time.sleep(120)
+    """))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "test.json").write_text("{}")  # the shards step's done mark: the teacher step runs next
+    pipeline = subprocess.Popen([sys.executable, "tools/pipeline.py", "--fast", "--run", str(tmp_path / "run"),
+                                 "--shards", str(shards), "--launcher", f"{sys.executable} {launcher}"],
+                                cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "pid").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "pid").exists(), pipeline.communicate(timeout=5)
+    pipeline.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = pipeline.communicate(timeout=30)  # the step holds the pipes open while it lives
+    finally:
+        if not (tmp_path / "stopped").exists():  # the step was left running: end it here
+            os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
+    assert pipeline.returncode == 143 and "teacher stopped by SIGTERM" in stderr
+    assert (tmp_path / "stopped").read_text() == "SIGTERM"
+
+
 def test_exits_of_a_rank_on_errors_and_signals(tmp_path):
     """One process per case, all at once (about 3 s in all)."""
     procs = {mode: _start_script(tmp_path, mode, **({"DCD_STOP_TIMEOUT_S": "2"} if mode == "bound" else {}))

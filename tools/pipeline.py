@@ -16,6 +16,7 @@ import argparse
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,26 @@ FAST = dict(train_images=400, val_images=40, test_images=40, teacher_steps=8,
             teacher_budget_s=5, shards="shards/synthetic-fast", batch_size=16)
 
 
+def run_passing_on_signals(command: list[str]) -> tuple[int, int | None]:
+    """Run one step's command; a SIGTERM or SIGINT sent to the pipeline alone (a scheduler signals
+    the top process) goes on to it, so a stopped pipeline never leaves a training running.
+    Returns (exit status, the signal that stopped the pipeline or None)."""
+    child = subprocess.Popen(command, cwd=REPO)
+    received: list[int] = []
+
+    def pass_on(signum, _frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return returncode, (received[0] if received else None)
+
+
 class Pipeline:
     def __init__(self, run: Path, launcher: list[str], fresh: bool, sizes: dict):
         self.run, self.launcher, self.fresh, self.sizes = run, launcher, fresh, sizes
@@ -54,9 +75,13 @@ class Pipeline:
         start = time.perf_counter()
         for command in commands:
             print("  $ " + " ".join(shlex.quote(c) for c in command), flush=True)
-            result = subprocess.run(command, cwd=REPO)
-            if result.returncode != 0:
-                sys.exit(f"[pipeline] {name} failed (exit {result.returncode}); fix and rerun "
+            returncode, stopped_by = run_passing_on_signals(command)
+            if stopped_by is not None:
+                print(f"[pipeline] {name} stopped by {signal.Signals(stopped_by).name}; rerun ./launch.sh "
+                      "to go on: finished steps are kept", file=sys.stderr, flush=True)
+                sys.exit(128 + stopped_by)
+            if returncode != 0:
+                sys.exit(f"[pipeline] {name} failed (exit {returncode}); fix and rerun "
                          "./launch.sh: finished steps are kept")
         self.times[name] = round(time.perf_counter() - start, 1)
         print(f"[pipeline] {name}: {self.times[name]:.0f} s", flush=True)
