@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.fixtures import DEEPSPEED, free_port, make_synthetic_shards, run_env, two_rank_command
-from train.clustered import ClusteredBatches, compose_global_batch
+from train.clustered import ClusteredBatches, EmbeddedCandidateBatches, compose_global_batch
 from train.distill.stored import StoredSignals, table_from_scores
 from train.eval_split import EvalSplit
 from train.signals import SignalsError, check_covers, load_split, shards_fingerprint, write_split
@@ -168,6 +168,34 @@ def test_clustered_batches_are_rank_slices_of_one_global_batch_and_resume_exactl
     assert torch.equal(first[0]["input_ids"][:, 0] - 1, first[0]["caption_rows"])
     resumed, fresh = next(iter(loader(1, start_batch=3))), loader(1).batch(3)
     assert torch.equal(resumed["caption_rows"], fresh["caption_rows"])
+
+
+def test_embedded_candidate_batches_are_random_keep_twins_and_carry_the_kept_candidates():
+    table = random_table(images=40, captions_per_image=2, M=4)
+    twin = torch.tensor([i + 1 if i % 2 == 0 else i - 1 for i in range(40)])  # scenes 0/1, 2/3, ... are twins
+    split = EvalSplit(pixels=torch.arange(40).view(40, 1, 1, 1).expand(40, 3, 2, 2).to(torch.uint8),
+                      captions=[f"caption {c}" for c in range(80)], caption_image_index=table.caption_image,
+                      image_ids=table.image_ids, twin_index=twin, keys=[str(i) for i in range(40)])
+
+    def tokenizer(captions, **_):
+        ids = torch.tensor([[int(c.split()[1]) + 1] for c in captions])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def loader(rank, start_batch=0):
+        return EmbeddedCandidateBatches(split, table, 6, 2, rank, 2, 0, start_batch, tokenizer, 4, ("i2t",), 3,
+                                        hard_negatives=2)
+
+    batches = [loader(r).batch(1) for r in (0, 1)]
+    rows = torch.cat([b["image_ids"] for b in batches]) - 50
+    assert rows.unique().numel() == 12 and set(rows.tolist()) == {r ^ 1 for r in rows.tolist()}  # twins together
+    for b in batches:
+        queries = (b["image_ids"][:2] - 50).tolist()
+        first3 = table.i2t_index[queries, :3]
+        kept = first3.gather(1, table.i2t_score[queries, :3].topk(2, dim=1).indices)
+        assert set(b["candidate_caption_rows"].tolist()) == set(kept.flatten().tolist())
+        assert torch.equal(b["candidate_input_ids"][:, 0] - 1, b["candidate_caption_rows"])
+        assert b["candidate_image_rows"].numel() == 0 and b["candidate_pixels"].shape[0] == 0
+    assert torch.equal(next(iter(loader(1, start_batch=1)))["caption_rows"], batches[1]["caption_rows"])
 
 
 # ---------------------------------------------------------------------------------------------------

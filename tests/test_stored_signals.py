@@ -12,8 +12,8 @@ import torch
 from tests.test_dcd_distributed import (ATOL, SingleProcess, fake_teacher, make_global_batch, make_student,
                                         merge, run_threads)
 from train.distill.dcd import DCDConfig, dcd_loss
-from train.distill.stored import (exact_top_candidates, signal_pairs, stored_candidates_in_pool,
-                                  stored_dcd_loss, table_from_scores)
+from train.distill.stored import (EmbeddedCandidates, embedded_candidate_rows, exact_top_candidates, signal_pairs,
+                                  stored_candidates_in_pool, stored_dcd_loss, table_from_scores)
 
 CONFIGS = {
     "published_entropy_kl": DCDConfig(candidates=4, hard_negatives=2),
@@ -159,3 +159,35 @@ def test_stored_equals_online_on_two_real_gloo_ranks(tmp_path):
         assert result["stored"][0] == pytest.approx(result["online"][0], abs=ATOL)
         for param, grad in result["online"][1].items():
             assert torch.allclose(result["stored"][1][param], grad, atol=ATOL), param
+
+
+def test_embedded_candidates_give_the_terms_of_a_pool_that_holds_them():
+    """Stored candidates absent from a 6-row pool, embedded beside it by the same student, give the
+    distilled queries the KD and hard-negative terms that a 12-row pool holding them all gives; not
+    embedded, some are left out."""
+    batches = unique_image_batch(1, 12)
+    table = score_split(batches, 6)
+    cfg = DCDConfig(candidates=6, hard_negatives=3, distill_queries=3)
+    big = batches[0]
+    small = {k: v[:6] for k, v in big.items()}
+    rows = embedded_candidate_rows(table, torch.arange(3), torch.arange(3), cfg.directions, 6, 3)
+    student = make_student()
+
+    def terms(batch, embedded_rows=None):
+        image_emb, text_emb, scale = student(batch["pixels"], batch["input_ids"], batch["attention_mask"])
+        embedded = None
+        if embedded_rows is not None:
+            image_c, text_c, _ = student(big["pixels"][embedded_rows["t2i"]], big["input_ids"][embedded_rows["i2t"]],
+                                         big["attention_mask"][embedded_rows["i2t"]])
+            embedded = EmbeddedCandidates(embedded_rows["i2t"], text_c, embedded_rows["t2i"], image_c)
+        _, logs = stored_dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["caption_rows"], table,
+                                  SingleProcess(), cfg, embedded=embedded)
+        return logs
+
+    whole, embedded, alone = terms(big), terms(small, rows), terms(small)
+    assert float(whole["stored_candidates_in_pool"]) == 1.0
+    # every kept candidate is found (the ones the teacher ranks below the top 3 need not be)
+    for key in ("loss_kd", "loss_hard", "teacher_margin"):
+        assert float(embedded[key]) == pytest.approx(float(whole[key]), abs=ATOL), key
+    assert float(alone["stored_candidates_in_pool"]) < float(embedded["stored_candidates_in_pool"])
+    assert float(alone["loss_kd"]) != pytest.approx(float(whole["loss_kd"]), abs=ATOL)

@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import torch
 
-from train.distill.stored import StoredSignals
+from train.distill.stored import StoredSignals, embedded_candidate_rows
 from train.eval_split import EvalSplit
 
 
@@ -130,3 +130,49 @@ class ClusteredBatches:
                 "attention_mask": self.tokens["attention_mask"][caption_rows].long(),
                 "image_ids": self.split.image_ids[images], "twin_ids": self.twin_ids[images],
                 "groups": torch.full((len(rows),), -1, dtype=torch.long), "caption_rows": caption_rows}
+
+
+class EmbeddedCandidateBatches(ClusteredBatches):
+    """Batches drawn as the contrastive loader draws them (random images, each with its twin scene
+    when the split has one), plus the stored candidates the distilled queries keep, for the student
+    to embed beside the batch (train/distill/stored.py ``EmbeddedCandidates``): the InfoNCE term
+    sees what a contrastive run sees, and every candidate of the loss is found.
+
+    Batch keys added: candidate_caption_rows, candidate_input_ids, candidate_attention_mask (i2t
+    candidates) and candidate_image_rows, candidate_pixels (t2i candidates)."""
+
+    def __init__(self, *args, hard_negatives: int = 7, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hard_negatives = hard_negatives
+        self.seeds_per_batch = self.world * self.batch_size
+        self.batches_per_epoch = max(1, self.split.num_images // self.seeds_per_batch)
+        twin = self.split.twin_index
+        image = torch.arange(twin.shape[0])
+        self.unit_of = torch.where(twin >= 0, torch.minimum(image, twin), image)  # a scene and its twin: one unit
+
+    def global_rows(self, index: int) -> List[Tuple[int, int]]:
+        epoch, position = divmod(index, self.batches_per_epoch)
+        units = torch.unique(self.unit_of)
+        units = units[torch.randperm(units.numel(), generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + epoch))]
+        # each unit's images together, in the units' random order (argsort of the unit's rank)
+        rank_of_unit = torch.empty(int(self.unit_of.max()) + 1, dtype=torch.long)
+        rank_of_unit[units] = torch.arange(units.numel())
+        order = torch.argsort(rank_of_unit[self.unit_of] * 2 + (torch.arange(self.unit_of.numel()) != self.unit_of))
+        images = order[position * self.seeds_per_batch:(position + 1) * self.seeds_per_batch].tolist()
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * index + 1)
+        counts = torch.bincount(self.signals.caption_image, minlength=self.signals.image_ids.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        return [(image, _caption_of(self.signals, image, g, starts, counts)) for image in images]
+
+    def batch(self, index: int) -> dict:
+        batch = super().batch(index)
+        queries = slice(0, self.queries)
+        rows = embedded_candidate_rows(self.signals, self.signals.image_rows(batch["image_ids"][queries]),
+                                       batch["caption_rows"][queries], self.directions,
+                                       self.candidates or self.signals.i2t_index.shape[1], self.hard_negatives)
+        batch.update(candidate_caption_rows=rows["i2t"], candidate_image_rows=rows["t2i"],
+                     candidate_input_ids=self.tokens["input_ids"][rows["i2t"]].long(),
+                     candidate_attention_mask=self.tokens["attention_mask"][rows["i2t"]].long(),
+                     candidate_pixels=self.split.pixels[rows["t2i"]])
+        return batch

@@ -87,6 +87,12 @@ class DistillConfig:
     # Stored teacher signals (tools/score_teacher.py): the same objective from the stored scores of
     # the proposer's candidates, no teacher forward in the step (train/distill/stored.py).
     teacher_signals: Optional[str] = None
+    # How a stored-signal run meets its candidates: "embedded" draws batches as the contrastive run
+    # does (random, twins together) and the student embeds each distilled query's kept candidates
+    # beside the batch; "clustered" composes batches from the queries and their candidates
+    # (train/clustered.py), which cost 17 test RSUM with the distillation weight ramped to ~0
+    # (docs/RESULTS.md, "Stored teacher signals").
+    stored_batches: str = "embedded"
 
     def dcd_config(self) -> DCDConfig:
         """The DCD objective's config: every field the two share, by name, with the directions
@@ -285,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 # error names the file); resolve() checks them again for flags, after stage defaults fill the Nones.
 FIELD_CHOICES = {"stage": STAGES, "schedule": ("cosine", "linear"), "weighting": WEIGHTING_SCHEMES,
                  "kd_loss": KD_KINDS, "objective": OBJECTIVES, "negatives_from": ("teacher", "random"),
-                 "teacher_zero": (0, 3)}
+                 "teacher_zero": (0, 3), "stored_batches": ("embedded", "clustered")}
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 

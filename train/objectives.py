@@ -16,7 +16,7 @@ from train import failure
 from train.config import DEFAULT_TEACHER, ConfigError, RunConfig, missing_default_teacher
 from train.distill.dcd import contrastive_loss, dcd_loss
 from train.distill.gather import SingleProcess, TorchDistributed
-from train.distill.stored import StoredSignals, stored_dcd_loss
+from train.distill.stored import EmbeddedCandidates, StoredSignals, stored_dcd_loss
 from train.eval_split import read_eval_split
 from train.evaluation import embed_images, embed_texts, teacher_binding_scores
 from train.metrics import binding_accuracy, binding_accuracy_from_scores, retrieval_metrics
@@ -278,24 +278,46 @@ class StoredDistillObjective(StudentObjective):
         check_covers(signals, self.dcd.directions, self.dcd.candidates, d.teacher_signals)
         self.signals = StoredSignals(*(t.to(dev) for t in signals))
         batch = ds["train_micro_batch_size_per_gpu"]
-        # the seed queries of a clustered batch are the rows dcd_loss distils: its first distill_queries
-        self.queries = min(self.dcd.distill_queries or batch // 4, batch // 2) or 1
+        self.embedded = d.stored_batches == "embedded"
+        if self.embedded:  # the first distill_queries rows of a random batch, as online
+            self.queries = min(self.dcd.distill_queries or batch, batch)
+        else:  # the seed queries of a clustered batch are the rows dcd_loss distils: its first distill_queries
+            self.queries = min(self.dcd.distill_queries or batch // 4, batch // 2) or 1
         self.dcd.distill_queries = self.queries
 
     def make_train_loader(self, start_batch: int):
-        from train.clustered import ClusteredBatches
+        from train.clustered import ClusteredBatches, EmbeddedCandidateBatches
         t, data = self.cfg.train, self.cfg.data
-        return ClusteredBatches(self.split, StoredSignals(*(x.cpu() for x in self.signals)), t.batch_size,
-                                self.queries, self.rank, self.world, t.seed, start_batch, self.data_tokenizer,
-                                data.max_length, self.dcd.directions, self.dcd.candidates)
+        args = (self.split, StoredSignals(*(x.cpu() for x in self.signals)), t.batch_size, self.queries, self.rank,
+                self.world, t.seed, start_batch, self.data_tokenizer, data.max_length, self.dcd.directions,
+                self.dcd.candidates)
+        if self.embedded:  # the teacher's top K are the set, unless likely false negatives drop some of them
+            kept = self.dcd.hard_negatives if self.dcd.false_negative_margin is None else self.dcd.candidates
+            return EmbeddedCandidateBatches(*args, hard_negatives=kept)
+        return ClusteredBatches(*args)
+
+    def embed_with_candidates(self, batch: dict, timer):
+        """The batch's embeddings, and (embedded mode) its candidates' in the same engine call: the
+        towers encode images and captions apart, so the extra rows only lengthen each side."""
+        if not self.embedded:
+            return (*self.embed(batch, timer), None)
+        B, n_pixels = batch["pixels"].shape[0], batch["candidate_pixels"].shape[0]
+        joined = dict(batch, pixels=torch.cat([batch["pixels"], batch["candidate_pixels"]]),
+                      input_ids=torch.cat([batch["input_ids"], batch["candidate_input_ids"]]),
+                      attention_mask=torch.cat([batch["attention_mask"], batch["candidate_attention_mask"]]))
+        image_emb, text_emb, scale = self.embed(joined, timer)
+        candidates = EmbeddedCandidates(batch["candidate_caption_rows"], text_emb[B:],
+                                        batch["candidate_image_rows"], image_emb[B:B + n_pixels])
+        return image_emb[:B], text_emb[:B], scale, candidates
 
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
-        image_emb, text_emb, scale = self.embed(batch, timer)
+        image_emb, text_emb, scale, candidates = self.embed_with_candidates(batch, timer)
         distill_weight = distill_ramp(self.cfg.distill.distill_warmup_steps, step)
         with timer.section("loss"):
             loss, logs = stored_dcd_loss(image_emb, text_emb, scale, batch["image_ids"], batch["caption_rows"],
-                                         self.signals, self.comm, self.dcd, distill_weight=distill_weight)
+                                         self.signals, self.comm, self.dcd, distill_weight=distill_weight,
+                                         embedded=candidates)
         logs = _train_logs(logs, loss)
         logs["train/distill_weight"] = distill_weight
         return loss, logs

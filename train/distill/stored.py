@@ -19,7 +19,7 @@ from typing import Dict, NamedTuple, Tuple
 import torch
 
 from .dcd import DCDConfig, _contrastive_pool, _distilled_queries, _TeacherScores, distill_from_scores
-from .gather import Collectives
+from .gather import Collectives, local_logits
 
 TABLE_KEYS = ("image_ids", "caption_image", "i2t_index", "i2t_score", "t2i_index", "t2i_score",
               "positive_score")
@@ -81,24 +81,39 @@ def exact_top_candidates(query_emb: torch.Tensor, key_emb: torch.Tensor, query_o
     return torch.cat(indices), torch.cat(values)
 
 
+class EmbeddedCandidates(NamedTuple):
+    """Stored candidates this rank's student embedded beside its batch (``embedded_candidate_rows``):
+    they are keys of the distilled queries only, never InfoNCE rows."""
+    caption_rows: torch.Tensor   # long [Ec] table caption rows (i2t candidates)
+    text_emb: torch.Tensor       # [Ec, D] their student embeddings, with gradient
+    image_rows: torch.Tensor     # long [Ei] table image rows (t2i candidates)
+    image_emb: torch.Tensor      # [Ei, D]
+
+
 def stored_dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor, logit_scale: torch.Tensor,
                     image_ids_local: torch.Tensor, caption_rows_local: torch.Tensor, signals: StoredSignals,
-                    comm: Collectives, cfg: DCDConfig, distill_weight: float = 1.0) -> Tuple[torch.Tensor, Dict]:
+                    comm: Collectives, cfg: DCDConfig, distill_weight: float = 1.0,
+                    embedded: EmbeddedCandidates | None = None) -> Tuple[torch.Tensor, Dict]:
     """``dcd.dcd_loss`` with the teacher's scores read from ``signals``: no teacher call.
 
     Args are dcd_loss's, less the raw inputs and the teacher, plus:
         caption_rows_local: [B] long, the signals' caption row of each local caption.
         signals: the split's stored table (on the device of the embeddings).
-    The candidates are the stored ones (the proposer's top ``cfg.candidates`` of the split), those
-    absent from the pool left out; with ``negatives_from`` other than teacher there is nothing
-    stored to draw from, so it must be "teacher" (train/config.py checks).
+        embedded: stored candidates the student embedded beside the batch; they extend the distilled
+            queries' rows of the pool (InfoNCE is computed before, on the batch alone).
+    The candidates are the stored ones (the proposer's top ``cfg.candidates`` of the split), found
+    in the pool or among ``embedded``, those in neither left out; with ``negatives_from`` other
+    than teacher there is nothing stored to draw from, so it must be "teacher" (train/config.py checks).
     """
     before = dict(comm.bytes_moved)
     pool = _contrastive_pool(image_emb_local, text_emb_local, logit_scale, image_ids_local, comm)
     queries = _distilled_queries(pool, cfg, image_emb_local.device)
     image_rows = comm.all_gather_no_grad(signals.image_rows(image_ids_local), tag="signals.rows")
     caption_rows = comm.all_gather_no_grad(caption_rows_local, tag="signals.rows")
-    proposals, scored, teacher = stored_candidates_in_pool(image_rows, caption_rows, queries.own, signals, cfg)
+    if embedded is not None:
+        pool = _with_embedded_keys(pool, image_emb_local, text_emb_local, logit_scale, embedded)
+    proposals, scored, teacher = stored_candidates_in_pool(image_rows, caption_rows, queries.own, signals, cfg,
+                                                           embedded)
     loss, logs = distill_from_scores(pool, queries, proposals, scored, teacher, comm, cfg, distill_weight, before)
     present = [torch.isfinite(teacher.pair_logits[s:s + queries.n * m]).float().mean()
                for s, m in teacher.spans.values()]
@@ -106,13 +121,27 @@ def stored_dcd_loss(image_emb_local: torch.Tensor, text_emb_local: torch.Tensor,
     return loss, logs
 
 
+def _with_embedded_keys(pool, image_emb_local, text_emb_local, logit_scale, embedded: EmbeddedCandidates):
+    """The pool's local logits with the embedded candidates as extra key columns (positions G...):
+    captions after the caption pool for i2t, images after the image pool for t2i."""
+    logits = dict(pool.logits)
+    if embedded.caption_rows.numel():
+        logits["i2t"] = torch.cat([logits["i2t"], local_logits(image_emb_local, embedded.text_emb, logit_scale)], 1)
+    if embedded.image_rows.numel():
+        logits["t2i"] = torch.cat([logits["t2i"], local_logits(text_emb_local, embedded.image_emb, logit_scale)], 1)
+    return pool._replace(logits=logits)
+
+
 def stored_candidates_in_pool(pool_image_rows: torch.Tensor, pool_caption_rows: torch.Tensor,
-                              own: torch.Tensor, signals: StoredSignals, cfg: DCDConfig):
+                              own: torch.Tensor, signals: StoredSignals, cfg: DCDConfig,
+                              embedded: EmbeddedCandidates | None = None):
     """The distilled queries' stored candidates as pool positions, and their stored scores.
 
     Args:
         pool_image_rows, pool_caption_rows: [G] the table rows of the pool's images and captions.
         own: [n] pool positions of the distilled queries.
+        embedded: candidates embedded beside the batch, at positions G, G + 1, ... of their
+            direction's keys (a candidate that is also in the pool is taken from the pool).
     Returns:
         (proposals {dir: [n, M] pool positions in the proposer's order, -1 where absent},
         scored: the same with 0 where absent (a column the masked rows may gather), _TeacherScores whose pair logits are
@@ -122,6 +151,9 @@ def stored_candidates_in_pool(pool_image_rows: torch.Tensor, pool_caption_rows: 
     positions = torch.arange(G, device=pool_image_rows.device)
     image_at = torch.full((signals.image_ids.shape[0],), -1, dtype=torch.long, device=positions.device)
     caption_at = torch.full((signals.caption_image.shape[0],), -1, dtype=torch.long, device=positions.device)
+    if embedded is not None:
+        image_at[embedded.image_rows] = G + torch.arange(embedded.image_rows.numel(), device=positions.device)
+        caption_at[embedded.caption_rows] = G + torch.arange(embedded.caption_rows.numel(), device=positions.device)
     image_at[pool_image_rows] = positions
     caption_at[pool_caption_rows] = positions
     query_images, query_captions = pool_image_rows[own], pool_caption_rows[own]
@@ -143,6 +175,22 @@ def stored_candidates_in_pool(pool_image_rows: torch.Tensor, pool_caption_rows: 
     if pair_logits.dtype not in (torch.float32, torch.float64):
         pair_logits = pair_logits.float()
     return proposals, scored, _TeacherScores(pair_logits, spans, 0)
+
+
+def embedded_candidate_rows(signals: StoredSignals, query_image_rows: torch.Tensor, query_caption_rows: torch.Tensor,
+                            directions, M: int, K: int) -> Dict[str, torch.Tensor]:
+    """What the student embeds beside a batch so that every candidate its loss keeps is found: the
+    teacher's top K of each distilled query's first M stored candidates (the set
+    ``teacher_ranked_negatives`` picks when all are present), unique table rows per direction:
+    {"i2t": caption rows, "t2i": image rows} (empty for a direction not distilled)."""
+    rows = {"i2t": query_image_rows.new_empty(0), "t2i": query_image_rows.new_empty(0)}
+    for d in directions:
+        index, score, queries = ((signals.i2t_index, signals.i2t_score, query_image_rows) if d == "i2t"
+                                 else (signals.t2i_index, signals.t2i_score, query_caption_rows))
+        m = min(M, index.shape[1])
+        top = score[queries, :m].topk(min(K, m), dim=1).indices
+        rows[d] = torch.unique(index[queries, :m].gather(1, top))
+    return rows
 
 
 def signal_pairs(i2t_index: torch.Tensor, t2i_index: torch.Tensor,
