@@ -71,6 +71,16 @@ def test_auto_stores_only_when_the_pass_is_cheaper_than_the_teacher_steps(tmp_pa
     runs_needed = pass_s / (100 * signal_cost.SAVED_SECONDS_PER_STEP)
     assert not signal_cost.stored_is_faster(tmp_path, int(runs_needed), 100)
     assert signal_cost.stored_is_faster(tmp_path, int(runs_needed) + 1, 100)
+    # an image->text pass with 4 candidates scores 1,000 x 4 + 5,000 positives: 9,000 pairs
+    i2t_pass_s = 9000 / signal_cost.SCORING_PAIRS_PER_S
+    assert signal_cost.stored_is_faster(tmp_path, 1, 100, 4, ("i2t",), i2t_pass_s / 99)
+    assert not signal_cost.stored_is_faster(tmp_path, 1, 100, 4, ("i2t",), i2t_pass_s / 101)
+
+
+def test_the_pass_scores_what_the_recipe_reads():
+    from tools.recipes import EVERY_QUERY_KD, scoring_flags
+    assert scoring_flags(EVERY_QUERY_KD) == ["--directions", "i2t", "--candidates", "4"]
+    assert scoring_flags(["--weighting", "wsl"]) == ["--directions", "i2t,t2i", "--candidates", "16"]
 
 
 def test_results_page_names_how_each_distilled_row_met_its_teacher(tmp_path):

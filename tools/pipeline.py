@@ -22,9 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from tools.recipes import EVERY_QUERY_KD
+from tools.recipes import EVERY_QUERY_KD, scoring_flags
 from tools.report import write_results
-from tools.signal_cost import stored_is_faster
+from tools.signal_cost import EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,12 +152,17 @@ def main(argv=None) -> int:
 def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: Path, mode: str) -> list[str]:
     """DCD's teacher flags: the online teacher, or the stored signals of one scoring pass (made here)
     when --signals stored, or auto and the pass is faster than the teacher's share of the DCD run."""
-    if mode == "online" or (mode == "auto" and not stored_is_faster(sizes["shards"], 1, sizes["distill_steps"])):
+    pass_flags = scoring_flags(EVERY_QUERY_KD)  # only what the DCD step reads: i2t, its 4 candidates
+    given = dict(zip(pass_flags, pass_flags[1:]))
+    faster = stored_is_faster(sizes["shards"], 1, sizes["distill_steps"], int(given["--candidates"]),
+                              tuple(given["--directions"].split(",")), EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP)
+    if mode == "online" or (mode == "auto" and not faster):
         return ["--teacher", str(teacher)]
     signals = run / "signals"
     p.step("teacher signals", signals / "manifest.json", [[
         *p.launcher, "tools/score_teacher.py", "--shards", sizes["shards"], "--split", "train",
-        "--teacher", str(teacher), "--proposer", str(baseline), "--out", str(signals), "--no-progress"]])
+        "--teacher", str(teacher), "--proposer", str(baseline), *pass_flags, "--out", str(signals),
+        "--no-progress"]])
     return ["--teacher-signals", str(signals)]
 
 

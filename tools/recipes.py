@@ -18,3 +18,13 @@ from __future__ import annotations
 # step on 2 CPU ranks (the published flags: 1.9x): every query's image gets its own FiLM pass.
 EVERY_QUERY_KD = ("--directions", "i2t", "--distill-queries", "128", "--candidates", "4",
                   "--hard-negatives", "3", "--alpha", "1", "--weighting", "none")
+
+
+def scoring_flags(train_flags) -> list:
+    """tools/score_teacher.py's --directions and --candidates for runs that train with `train_flags`:
+    a stored pass needs only the directions they distil and the candidates they read."""
+    given = dict(zip(train_flags, train_flags[1:]))
+    if "--directions" not in given or "--candidates" not in given:  # the config's defaults (imports torch)
+        from train.config import DistillConfig
+        given = {"--directions": DistillConfig().directions, "--candidates": str(DistillConfig().candidates), **given}
+    return ["--directions", given["--directions"], "--candidates", given["--candidates"]]

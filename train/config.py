@@ -93,6 +93,9 @@ class DistillConfig:
     # (train/clustered.py), which cost 17 test RSUM with the distillation weight ramped to ~0
     # (docs/RESULTS.md, "Stored teacher signals").
     stored_batches: str = "embedded"
+    # Embedded candidates take gradient as pool keys do online; false: embedded without gradient
+    # (a cheaper step: only the distilled queries' side learns from their terms).
+    stored_candidate_grad: bool = True
 
     def dcd_config(self) -> DCDConfig:
         """The DCD objective's config: every field the two share, by name, with the directions

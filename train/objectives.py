@@ -301,14 +301,22 @@ class StoredDistillObjective(StudentObjective):
         towers encode images and captions apart, so the extra rows only lengthen each side."""
         if not self.embedded:
             return (*self.embed(batch, timer), None)
-        B, n_pixels = batch["pixels"].shape[0], batch["candidate_pixels"].shape[0]
-        joined = dict(batch, pixels=torch.cat([batch["pixels"], batch["candidate_pixels"]]),
-                      input_ids=torch.cat([batch["input_ids"], batch["candidate_input_ids"]]),
-                      attention_mask=torch.cat([batch["attention_mask"], batch["candidate_attention_mask"]]))
-        image_emb, text_emb, scale = self.embed(joined, timer)
-        candidates = EmbeddedCandidates(batch["candidate_caption_rows"], text_emb[B:],
-                                        batch["candidate_image_rows"], image_emb[B:B + n_pixels])
-        return image_emb[:B], text_emb[:B], scale, candidates
+        candidate_inputs = dict(pixels=batch["candidate_pixels"], input_ids=batch["candidate_input_ids"],
+                                attention_mask=batch["candidate_attention_mask"])
+        if not self.cfg.distill.stored_candidate_grad:
+            # keys without gradient: their backward was half a stored step (docs/RESULTS.md)
+            image_emb, text_emb, scale = self.embed(batch, timer)
+            with torch.no_grad():
+                candidate_images, candidate_texts, _ = self.embed(candidate_inputs, timer)
+        else:
+            B, n_pixels = batch["pixels"].shape[0], batch["candidate_pixels"].shape[0]
+            joined = {k: torch.cat([batch[k], candidate_inputs[k]]) for k in candidate_inputs}
+            image_emb, text_emb, scale = self.embed(joined, timer)
+            image_emb, candidate_images = image_emb[:B], image_emb[B:B + n_pixels]
+            text_emb, candidate_texts = text_emb[:B], text_emb[B:]
+        candidates = EmbeddedCandidates(batch["candidate_caption_rows"], candidate_texts,
+                                        batch["candidate_image_rows"], candidate_images)
+        return image_emb, text_emb, scale, candidates
 
     def forward(self, batch: dict, timer, step: int):
         batch = _to(batch, self.dev)
