@@ -263,13 +263,19 @@ def test_launch_sh_forwards_multinode_options(shards, tmp_path):
 def test_accelerate_launch_two_cpu_processes(reference, shards, tmp_path):
     config = REPO / "configs" / "accelerate_cpu_2proc.yaml"
     accelerate = str(BIN / "accelerate")
+    # Each process writes its rank variables to its own file: stdout of two processes through the
+    # launcher's pipes is no record (a CI run once saw none of the probe's lines there).
     probe = tmp_path / "probe.py"
-    probe.write_text("import json, os\nprint('ENV', json.dumps({k: os.environ.get(k) for k in "
-                     "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}))\n")
+    seen_dir = tmp_path / "seen"
+    seen_dir.mkdir()
+    probe.write_text("import json, os, uuid\n"
+                     "env = {k: os.environ.get(k) for k in "
+                     "('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}\n"
+                     f"open(os.path.join({str(seen_dir)!r}, uuid.uuid4().hex + '.json'), 'w').write(json.dumps(env))\n")
     output = ok(subprocess.run([accelerate, "launch", "--config_file", str(config), str(probe)], cwd=REPO,
                                env=run_env(), capture_output=True, text=True, timeout=120))
-    seen = sorted((json.loads(line.split("ENV ", 1)[1]) for line in output.splitlines()
-                   if line.startswith("ENV ")), key=lambda e: e["RANK"])
+    seen = sorted((json.loads(f.read_text()) for f in seen_dir.iterdir()), key=lambda e: str(e["RANK"]))
+    assert len(seen) == 2, f"accelerate launch started {len(seen)} probe process(es):\n{output[-3000:]}"
     assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in seen] == [("0", "0", "2"), ("1", "1", "2")]
     assert all(e["MASTER_ADDR"] and e["MASTER_PORT"] for e in seen)
 
