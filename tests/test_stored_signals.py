@@ -191,3 +191,34 @@ def test_embedded_candidates_give_the_terms_of_a_pool_that_holds_them():
         assert float(embedded[key]) == pytest.approx(float(whole[key]), abs=ATOL), key
     assert float(alone["stored_candidates_in_pool"]) < float(embedded["stored_candidates_in_pool"])
     assert float(alone["loss_kd"]) != pytest.approx(float(whole["loss_kd"]), abs=ATOL)
+
+
+def test_candidates_without_gradient_embed_alike_and_keep_the_batch_gradient():
+    """--stored-candidate-grad false: the candidates' embeddings are the same numbers, carry no
+    gradient, and the batch's own gradient is what it is with them differentiable."""
+    from types import SimpleNamespace
+    from train.objectives import StoredDistillObjective
+
+    torch.manual_seed(0)
+    image_tower, text_tower = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+
+    def embed(batch, timer):  # the student's towers: images and captions apart
+        return image_tower(batch["pixels"]), text_tower(batch["input_ids"]), torch.tensor(10.0)
+
+    batch = {"pixels": torch.randn(3, 6), "input_ids": torch.randn(3, 5), "attention_mask": torch.ones(3, 5),
+             "candidate_pixels": torch.randn(2, 6), "candidate_input_ids": torch.randn(4, 5),
+             "candidate_attention_mask": torch.ones(4, 5),
+             "candidate_caption_rows": torch.arange(4), "candidate_image_rows": torch.arange(2)}
+    outputs = {}
+    for with_grad in (True, False):
+        objective = SimpleNamespace(embedded=True, embed=embed,
+                                    cfg=SimpleNamespace(distill=SimpleNamespace(stored_candidate_grad=with_grad)))
+        image_emb, text_emb, _, candidates = StoredDistillObjective.embed_with_candidates(objective, batch, None)
+        assert candidates.text_emb.requires_grad is with_grad and candidates.image_emb.requires_grad is with_grad
+        assert image_emb.shape == (3, 4) and text_emb.shape == (3, 4) and candidates.text_emb.shape == (4, 4)
+        image_tower.zero_grad()
+        (image_emb.square().sum() + text_emb.sum()).backward()
+        outputs[with_grad] = (image_emb.detach(), candidates.text_emb.detach(), candidates.image_emb.detach(),
+                              image_tower.weight.grad.clone())
+    for kept, detached in zip(outputs[True], outputs[False]):
+        assert torch.allclose(kept, detached, atol=1e-6)

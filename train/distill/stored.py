@@ -85,7 +85,7 @@ class EmbeddedCandidates(NamedTuple):
     """Stored candidates this rank's student embedded beside its batch (``embedded_candidate_rows``):
     they are keys of the distilled queries only, never InfoNCE rows."""
     caption_rows: torch.Tensor   # long [Ec] table caption rows (i2t candidates)
-    text_emb: torch.Tensor       # [Ec, D] their student embeddings, with gradient
+    text_emb: torch.Tensor       # [Ec, D] their student embeddings (with gradient unless --stored-candidate-grad false)
     image_rows: torch.Tensor     # long [Ei] table image rows (t2i candidates)
     image_emb: torch.Tensor      # [Ei, D]
 
