@@ -14,7 +14,9 @@ from pathlib import Path
 # 0.476 s step, less the stored step's ~0.02 s of batch composition and lookups
 SAVED_SECONDS_PER_STEP = 0.21
 # the same for tools/recipes.py EVERY_QUERY_KD: online 1.063 s, stored (--stored-batches embedded)
-# 0.778 s a step, median of 2 rotating rounds on the quiet default (session 7)
+# 0.778 s a step, median of 2 rotating rounds on the quiet default (session 7). On a faster machine
+# (session 8: contrastive 0.22 s) the saving was 0.04-0.09 s a step against a 65 s pass: auto
+# still chose online for one default run, as here.
 EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP = 0.28
 # the pass's teacher throughput: 2,298 pairs/s on the default's 20,000 images (i2t, M = 16, quiet
 # 2-core CPU), 1,058 on a 400-image split under load; 1,000 errs on the side of online

@@ -14,11 +14,18 @@ all-gather, all-to-all, byte counts) are the `Collectives` of train/distill/gath
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 
 from train import failure
+
+# torch 2.13 marks all_gather_into_tensor / reduce_scatter_tensor (called by DeepSpeed) and the
+# autograd all_gather of torch.distributed.nn (whose replacement is private) deprecated: one warning
+# per call and rank would bury the log of every job that uses these collectives.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 
 def import_deepspeed():

@@ -19,17 +19,10 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-# torch 2.13 marks all_gather_into_tensor / reduce_scatter_tensor (called by DeepSpeed) and the
-# autograd all_gather of torch.distributed.nn (whose replacement is private) deprecated: one warning
-# per call and rank would bury the training log.
-warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
-warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
 
 from train import comm, failure, preflight, run_log
 from train import engine as ds_engine
