@@ -163,3 +163,20 @@ def test_a_precision_this_machine_cannot_run_is_refused_up_front(tmp_path):
     check_precision(autocast, tmp_path / "autocast.json", has_gpu=False)  # bf16 compute on CPU: fine
     with pytest.raises(ConfigError, match="'bf16.enabled' is 'yes'"):
         check_precision({"bf16": {"enabled": "yes"}}, tmp_path / "x.json", has_gpu=False)
+
+
+def test_help_explains_each_field_with_its_comment_in_the_config_source():
+    """--help shows the comment written beside (or above) a field in train/config.py, or in the
+    section's own module, before the default."""
+    from train.config import DistillConfig, build_parser
+    from train.field_comments import field_comments
+
+    text = " ".join(build_parser().format_help().split())
+    assert "--candidates CANDIDATES M: the student's proposals per query (default: 16)" in text
+    assert "--stored-candidate-grad BOOL Embedded candidates take gradient as pool keys do online" in text
+    assert "(KD to the row-standardised teacher)" in text  # a word split over two comment lines
+    comments = field_comments(DistillConfig)
+    assert "kd_temperature" not in comments  # no comment: the default alone
+    assert comments["hard_negatives"] == "K: the teacher's top-ranked proposals kept"
+    # a section defined in another module (train/models/teacher_training.py)
+    assert "--random-negatives RANDOM_NEGATIVES random in-batch captions (and images) per image (default: 3)" in text

@@ -19,6 +19,7 @@ from typing import Optional, get_args, get_origin, get_type_hints
 from train.distill.dcd import DIRECTIONS, DCDConfig
 from train.distill.losses import KD_KINDS, OBJECTIVES, WEIGHTING_SCHEMES
 from train.failure import ReportedError
+from train.field_comments import field_comments
 from train.models.teacher_training import TeacherTrainingConfig
 
 STAGES = ("distill", "student", "teacher")
@@ -47,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    teacher: Optional[str] = None   # preset, saved folder or hub id; distill default: DEFAULT_TEACHER
+    teacher: Optional[str] = None   # preset, saved folder or hub id
     student: str = "student-tiny"   # preset, saved folder, HF dual encoder, or "from-teacher"
     # A tokenizer folder for a pretrained teacher / student saved without one (or replacing its own);
     # never defaulted to the shards' tokenizer, which the model was not trained on.
@@ -119,8 +120,8 @@ def parse_directions(text: str) -> tuple:
 class TrainConfig:
     stage: str = "distill"
     ds: str = "ds_configs/zero2.json"
-    out: Optional[str] = None            # default runs/default/{teacher,baseline,dcd}
-    steps: Optional[int] = None          # teacher 1600, student / distill 600
+    out: Optional[str] = None            # checkpoints, TensorBoard logs, config.json and the export
+    steps: Optional[int] = None          # optimizer steps in all (a resumed run goes on to them)
     batch_size: Optional[int] = None     # per rank; overrides the ds config's micro batch
     lr: Optional[float] = None
     weight_decay: Optional[float] = None
@@ -272,10 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {}
     for section_name, section in _sections(RunConfig()):
         groups[section_name] = parser.add_argument_group(section_name)
+        comments = field_comments(type(section))
         for f in fields(section):
             tp = _base_type(index[f.name][1])
+            explained = f"{comments[f.name]} " if f.name in comments else ""
             kwargs = dict(dest=f.name, default=argparse.SUPPRESS,
-                          help=f"(default: {_default_help(f.name, getattr(section, f.name))})".replace("%", "%%"))
+                          help=f"{explained}(default: {_default_help(f.name, getattr(section, f.name))})"
+                          .replace("%", "%%"))
             if tp is bool:
                 kwargs["type"] = _parse_bool
                 kwargs["metavar"] = "BOOL"
