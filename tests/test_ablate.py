@@ -41,8 +41,9 @@ def test_bad_arguments_are_one_line(tmp_path, argv, message):
 def test_one_scoring_pass_serves_every_teacher_ranked_variant(tmp_path, monkeypatch):
     calls = {"score": [], "train": []}
 
-    def fake_score(args, out, proposer):
+    def fake_score(args, out, proposer, flags):
         calls["score"].append(proposer)
+        calls["flags"] = flags
         return out / "signals", 120.0
 
     def fake_train(args, folder, extra, steps, seed):
@@ -58,6 +59,7 @@ def test_one_scoring_pass_serves_every_teacher_ranked_variant(tmp_path, monkeypa
     rows = [variants.run(n, ablate.VARIANTS[n], 5) for n in names]
     assert [r["mode"] for r in rows] == ["", "online", "stored", "stored"]
     assert calls["score"] == [str(tmp_path / "contrastive" / "student")]  # one pass, the baseline proposes
+    assert calls["flags"] == ["--directions", "i2t,t2i", "--candidates", "16"]  # the published flags' needs
     extras = dict(calls["train"])
     assert "--teacher-signals" in extras["dcd_wsl"] and "--teacher-signals" not in extras["kd_random"]
     assert rows[2]["scoring_seconds"] == 60.0  # shared by the two variants that used it
@@ -95,3 +97,15 @@ def test_results_page_names_how_each_distilled_row_met_its_teacher(tmp_path):
     assert "| DCD student (stored signals) |" in page and "| contrastive baseline (student) |" in page
     (tmp_path / "dcd" / "config.json").write_text(json.dumps({"train": {"stage": "distill"}, "distill": {}}))
     assert "| DCD student (online teacher) |" in render(collect(tmp_path))
+
+
+@pytest.mark.parametrize("names, train_args, expected", [
+    (["contrastive", "dcd_every_query"], "", ["--directions", "i2t", "--candidates", "4"]),
+    (["dcd_every_query", "dcd_wsl"], "", ["--directions", "i2t,t2i", "--candidates", "16"]),
+    (["dcd_every_query", "dcd_wsl"], "--candidates 8 --directions t2i", ["--directions", "t2i", "--candidates", "8"]),
+    (["contrastive", "kd_random"], "", []),  # nothing the stored signals serve: no pass
+])
+def test_the_pass_scores_what_the_stored_variants_read(tmp_path, names, train_args, expected):
+    args = ablate.parse_args(["--signals", "stored", "--out", str(tmp_path), "--train-args", train_args])
+    assert ablate.pass_flags(args, names) == expected
+    assert ablate.Variants(args, tmp_path, [0], names).use_stored is bool(expected)

@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.recipes import EVERY_QUERY_KD
+from tools.recipes import EVERY_QUERY_KD, scoring_flags
 from tools.signal_cost import stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,20 +85,28 @@ def uses_signals(extra: list[str]) -> bool:
     return "distill" in extra and "random" not in extra
 
 
-def candidates_of(args) -> str:
-    """The --candidates every run trains with (the scoring pass stores that many)."""
-    flags = shlex.split(args.train_args)
-    return dict(zip(flags, flags[1:])).get("--candidates", "16")
+def pass_flags(args, names: list) -> list:
+    """tools/score_teacher.py's --directions and --candidates for the stored variants among `names`:
+    the directions any of them distils and the most candidates any reads (--train-args win over a
+    variant's own flags, as on the train/run.py command line), so the one pass scores no more than
+    they need: EVERY_QUERY_KD alone reads i2t x 4, 11x fewer pairs than both directions x 16."""
+    needs = [scoring_flags([*VARIANTS[n], *shlex.split(args.train_args)]) for n in names if uses_signals(VARIANTS[n])]
+    if not needs:
+        return []
+    directions = {d for flags in needs for d in flags[1].split(",")}
+    return ["--directions", ",".join(d for d in ("i2t", "t2i") if d in directions),
+            "--candidates", str(max(int(flags[3]) for flags in needs))]
 
 
-def score_signals(args, out: Path, proposer: str) -> tuple:
-    """(signals folder, pass seconds): one scoring pass of the train split (kept; a killed one resumes)."""
+def score_signals(args, out: Path, proposer: str, flags: list) -> tuple:
+    """(signals folder, pass seconds): one scoring pass of the train split with `flags` (pass_flags;
+    kept; a killed one resumes)."""
     signals = out / "signals"
     manifest = signals / "manifest.json"
     if not (manifest.is_file() and "train" in json.loads(manifest.read_text()).get("splits", {})):
         run([*shlex.split(args.launcher), "tools/score_teacher.py", "--ds", "ds_configs/zero3.json",
              "--shards", args.shards, "--split", "train", "--teacher", args.teacher, "--proposer", proposer,
-             "--candidates", candidates_of(args), "--out", str(signals), "--no-progress"])
+             *flags, "--out", str(signals), "--no-progress"])
     return signals, json.loads(manifest.read_text())["splits"]["train"]["seconds"]
 
 
@@ -191,9 +199,10 @@ class Variants:
     def __init__(self, args, out: Path, seeds: list, names: list):
         self.args, self.out, self.seeds = args, out, seeds
         self.stored_variants = sum(uses_signals(VARIANTS[n]) for n in names)
-        self.use_stored = args.signals == "stored" or (
+        self.pass_flags = pass_flags(args, names)
+        self.use_stored = bool(self.pass_flags) and (args.signals == "stored" or (
             args.signals == "auto" and stored_is_faster(args.shards, len(seeds) * self.stored_variants, args.steps,
-                                                        int(candidates_of(args))))
+                                                        int(self.pass_flags[3]), tuple(self.pass_flags[1].split(",")))))
         self.scoring: dict = {}
 
     def folder(self, name: str, seed: int) -> Path:
@@ -202,7 +211,8 @@ class Variants:
     def signals(self) -> list:
         if not self.scoring:
             proposer = self.args.proposer or str(self.folder("contrastive", self.seeds[0]) / "student")
-            self.scoring["signals"], self.scoring["seconds"] = score_signals(self.args, self.out, proposer)
+            signals, seconds = score_signals(self.args, self.out, proposer, self.pass_flags)
+            self.scoring.update(signals=signals, seconds=seconds)
         return ["--teacher-signals", str(self.scoring["signals"])]
 
     def run(self, name: str, extra: list[str], steps: int) -> dict:
