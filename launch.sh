@@ -11,12 +11,14 @@
 #   ./launch.sh --ranks 4 ...           CPU processes (default 2; on CUDA every GPU is used)
 #   ./launch.sh --hostfile hosts --num_nodes 2 --stage distill ...   multi-node (deepspeed launcher)
 #   ./launch.sh --tensorboard           also start TensorBoard on 127.0.0.1:6006
+#   ./launch.sh --signals stored        DCD from one stored scoring pass (online | stored | auto, the
+#                                       default; --signal-costs FILE: auto weighs a benchmark's numbers)
 set -euo pipefail
 cd "$(dirname "$0")"
 REPO="$(pwd)"
 
 RUN_NAME=default FRESH=0 FAST=0 RANKS=2 TENSORBOARD=0 TB_PORT=6006
-LAUNCHER_ARGS=() TRAIN_ARGS=()
+LAUNCHER_ARGS=() TRAIN_ARGS=() PIPELINE_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --fresh) FRESH=1 ;;
@@ -25,6 +27,7 @@ while [ $# -gt 0 ]; do
     --ranks) RANKS="$2"; shift ;;
     --tensorboard) TENSORBOARD=1 ;;
     --tensorboard-port) TB_PORT="$2"; shift ;;
+    --signals|--signal-costs) PIPELINE_ARGS+=("$1" "$2"); shift ;;
     # The deepspeed launcher's own multi-node options (docs/scale_out.md), --a-b spelled --a_b for it.
     --hostfile|--num_nodes|--num-nodes|--master_addr|--master-addr|--master_port|--master-port|\
     --include|--exclude|--launcher|--launcher_args|--launcher-args|--ssh_port|--ssh-port|\
@@ -32,7 +35,7 @@ while [ $# -gt 0 ]; do
       flag="${1#--}"; LAUNCHER_ARGS+=("--${flag//-/_}" "$2"); shift ;;
     --no_ssh|--no-ssh|--no_ssh_check|--no-ssh-check|--force_multi|--force-multi)
       flag="${1#--}"; LAUNCHER_ARGS+=("--${flag//-/_}") ;;
-    --help|-h) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --help|-h) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) TRAIN_ARGS+=("$1") ;;
   esac
   shift
@@ -60,6 +63,10 @@ if [ "$TENSORBOARD" = "1" ]; then
   echo "[launch] TensorBoard on http://127.0.0.1:$TB_PORT (pid $!)"
 fi
 
+if [ ${#TRAIN_ARGS[@]} -gt 0 ] && [ ${#PIPELINE_ARGS[@]} -gt 0 ]; then
+  echo "error: ${PIPELINE_ARGS[0]} is the pipeline's; one stage reads stored signals with --teacher-signals PATH" >&2
+  exit 2
+fi
 if [ ${#TRAIN_ARGS[@]} -gt 0 ]; then
   # One stage, as users type it: everything else goes to train/run.py. Bad flags, configs or data
   # are reported in one line here, before the launcher spawns any rank.
@@ -69,4 +76,4 @@ fi
 
 exec python tools/pipeline.py --run "runs/$RUN_NAME" --ranks "$RANKS" \
   $( [ "$FRESH" = 1 ] && echo --fresh ) $( [ "$FAST" = 1 ] && echo --fast ) \
-  --launcher "${DS_LAUNCH[*]}"
+  --launcher "${DS_LAUNCH[*]}" "${PIPELINE_ARGS[@]}"

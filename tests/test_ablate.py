@@ -109,3 +109,43 @@ def test_the_pass_scores_what_the_stored_variants_read(tmp_path, names, train_ar
     args = ablate.parse_args(["--signals", "stored", "--out", str(tmp_path), "--train-args", train_args])
     assert ablate.pass_flags(args, names) == expected
     assert ablate.Variants(args, tmp_path, [0], names).use_stored is bool(expected)
+
+
+def benchmark_json(path, distill_step=0.40, stored_step=0.36, pairs=36000, seconds=9.0):
+    """The fields of tools/benchmark.py train's train.json that the cost model reads."""
+    path.write_text(json.dumps({"stages": {"student": {"time/step": 0.2}, "distill": {"time/step": distill_step},
+                                           "stored": {"time/step": stored_step}},
+                                "scoring": {"pairs": pairs, "seconds": seconds, "pairs_per_s": 5000.0}}))
+    return path
+
+
+def test_measured_costs_come_from_a_benchmark_of_this_machine(tmp_path):
+    from tools import signal_cost
+    pairs_per_s, saved = signal_cost.measured_costs(benchmark_json(tmp_path / "train.json"))
+    assert pairs_per_s == pytest.approx(4000.0) and saved == pytest.approx(0.04)  # proposals included
+    (tmp_path / "online_only.json").write_text(json.dumps({"stages": {"distill": {"time/step": 0.4}},
+                                                           "scoring": {"pairs": 1, "seconds": 1}}))
+    with pytest.raises(ValueError, match=r"online_only.json: no number at stages\.stored\.time/step"):
+        signal_cost.measured_costs(tmp_path / "online_only.json")
+    with pytest.raises(ValueError, match=r"missing.json: not readable"):
+        signal_cost.measured_costs(tmp_path / "missing.json")
+    # 1,000 images x 4 + 5,000 positives = 9,000 pairs: 2.25 s at 4,000 pairs/s
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "train.json").write_text('{"num_samples": 1000, "num_captions": 5000}')
+    assert signal_cost.stored_is_faster(tmp_path / "shards", 1, 57, 4, ("i2t",), saved, pairs_per_s)
+    assert not signal_cost.stored_is_faster(tmp_path / "shards", 1, 56, 4, ("i2t",), saved, pairs_per_s)
+
+
+def test_auto_weighs_the_measured_costs_and_a_bad_file_is_one_line(tmp_path):
+    (tmp_path / "train.json").write_text('{"num_samples": 1000, "num_captions": 5000}')
+
+    def variants(costs_file):
+        args = ablate.parse_args(["--signals", "auto", "--shards", str(tmp_path), "--out", str(tmp_path / "out"),
+                                  "--steps", "100", "--signal-costs", str(costs_file)])
+        return ablate.Variants(args, tmp_path / "out", [0], ["dcd_every_query"])
+
+    # the i2t x 4 pass: 9,000 pairs; 100 steps save 100 x 0.04 = 4 s
+    assert variants(benchmark_json(tmp_path / "fast_pass.json", seconds=2.0)).use_stored  # a 0.5 s pass
+    assert not variants(benchmark_json(tmp_path / "slow_pass.json", seconds=90.0)).use_stored  # 22.5 s
+    with pytest.raises(SystemExit, match=r"ablate: --signal-costs .*nothing.json: not readable"):
+        variants(tmp_path / "nothing.json")

@@ -335,6 +335,26 @@ def test_launch_sh_stops_before_any_rank_and_binds_tensorboard_to_loopback(tmp_p
             os.kill(tb_pid, signal.SIGTERM)
 
 
+def test_launch_sh_hands_signal_flags_to_the_pipeline_and_refuses_them_for_one_stage(tmp_path):
+    """--signals / --signal-costs belong to the pipeline (tools/pipeline.py), whose own checks answer;
+    with a stage's flags they are one line, before anything runs."""
+    costs = tmp_path / "costs.json"
+    costs.write_text('{"stages": {}}')
+    result = subprocess.run(["bash", "launch.sh", "--run", "signal_check", "--signals", "stored",
+                             "--signal-costs", str(costs)], cwd=REPO, env=run_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"pipeline: --signal-costs {costs}: no number at scoring.seconds (the train.json of "
+        "tools/benchmark.py train with --teacher and --teacher-signals)")
+    assert not (REPO / "runs" / "signal_check").exists()  # checked before the pipeline made anything
+    result = subprocess.run(["bash", "launch.sh", "--signals", "stored", "--stage", "student"], cwd=REPO,
+                            env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: --signals is the pipeline's; one stage reads "
+                                                      "stored signals with --teacher-signals PATH")
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 CHECKPOINT_SCRIPT = r'''

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from tools.recipes import EVERY_QUERY_KD, scoring_flags
-from tools.signal_cost import stored_is_faster
+from tools.signal_cost import SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S, measured_costs, stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,6 +96,18 @@ def pass_flags(args, names: list) -> list:
     directions = {d for flags in needs for d in flags[1].split(",")}
     return ["--directions", ",".join(d for d in ("i2t", "t2i") if d in directions),
             "--candidates", str(max(int(flags[3]) for flags in needs))]
+
+
+def signal_costs(args) -> tuple:
+    """(seconds a stored step saves, pass pairs per second): --signal-costs' measurement, else the
+    2-core CPU's figures for the published flags (tools/signal_cost.py)."""
+    if not args.signal_costs:
+        return SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S
+    try:
+        pairs_per_s, saved = measured_costs(args.signal_costs)
+    except ValueError as error:
+        sys.exit(f"ablate: --signal-costs {error}")
+    return saved, pairs_per_s
 
 
 def score_signals(args, out: Path, proposer: str, flags: list) -> tuple:
@@ -184,6 +196,10 @@ def parse_args(argv=None):
     parser.add_argument("--signals", choices=SIGNAL_MODES, default="online",
                         help="DCD variants from the online teacher, from one stored scoring pass, or "
                              "whichever is faster end to end for these runs")
+    parser.add_argument("--signal-costs", metavar="TRAIN_JSON",
+                        help="auto weighs the pass speed and step saving that `tools/benchmark.py train "
+                             "--teacher-signals` measured on this machine (its train.json) instead of the "
+                             "2-core CPU's figures")
     parser.add_argument("--proposer", help="dual encoder that proposes the stored candidates (default: "
                                            "the first contrastive run's student)")
     parser.add_argument("--launcher", default="deepspeed --num_gpus 2")
@@ -200,9 +216,11 @@ class Variants:
         self.args, self.out, self.seeds = args, out, seeds
         self.stored_variants = sum(uses_signals(VARIANTS[n]) for n in names)
         self.pass_flags = pass_flags(args, names)
+        costs = signal_costs(args)  # a bad --signal-costs file is one line whatever --signals says
         self.use_stored = bool(self.pass_flags) and (args.signals == "stored" or (
             args.signals == "auto" and stored_is_faster(args.shards, len(seeds) * self.stored_variants, args.steps,
-                                                        int(self.pass_flags[3]), tuple(self.pass_flags[1].split(",")))))
+                                                        int(self.pass_flags[3]), tuple(self.pass_flags[1].split(",")),
+                                                        *costs)))
         self.scoring: dict = {}
 
     def folder(self, name: str, seed: int) -> Path:

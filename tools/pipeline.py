@@ -24,7 +24,8 @@ from pathlib import Path
 
 from tools.recipes import EVERY_QUERY_KD, scoring_flags
 from tools.report import write_results
-from tools.signal_cost import EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, stored_is_faster
+from tools.signal_cost import (EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S, measured_costs,
+                               stored_is_faster)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,11 +118,23 @@ def parse_args(argv=None):
                         help="DCD from the online teacher, or from one stored scoring pass of the train "
                              "split with the baseline as proposer (tools/score_teacher.py); auto: stored "
                              "where that is faster end to end (tools/signal_cost.py)")
+    parser.add_argument("--signal-costs", metavar="TRAIN_JSON",
+                        help="auto weighs the pass speed and step saving that `tools/benchmark.py train "
+                             "--teacher-signals` measured on this machine (its train.json, run with "
+                             "--distill-args of tools/recipes.py EVERY_QUERY_KD) instead of the 2-core "
+                             "CPU's figures")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    costs = (EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S)
+    if args.signal_costs:
+        try:
+            pairs_per_s, saved = measured_costs(args.signal_costs)
+        except ValueError as error:
+            sys.exit(f"pipeline: --signal-costs {error}")
+        costs = (saved, pairs_per_s)
     sizes = dict(FAST if args.fast else FULL)
     if args.shards:
         sizes["shards"] = args.shards
@@ -138,7 +151,7 @@ def main(argv=None) -> int:
         "--train-images", str(sizes["train_images"]), "--val-images", str(sizes["val_images"]),
         "--test-images", str(sizes["test_images"])]])
 
-    teacher, baseline, dcd, equal_time = training_steps(p, run, sizes, args.fresh, args.signals)
+    teacher, baseline, dcd, equal_time = training_steps(p, run, sizes, args.fresh, args.signals, costs)
     evaluation_steps(p, run, sizes, teacher, baseline, dcd, equal_time)
     table = write_results(run, p.times)
     print(table)
@@ -149,13 +162,15 @@ def main(argv=None) -> int:
 
 
 
-def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: Path, mode: str) -> list[str]:
+def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: Path, mode: str,
+                 costs: tuple) -> list[str]:
     """DCD's teacher flags: the online teacher, or the stored signals of one scoring pass (made here)
-    when --signals stored, or auto and the pass is faster than the teacher's share of the DCD run."""
+    when --signals stored, or auto and the pass is faster than the teacher's share of the DCD run
+    (costs: seconds a stored step saves, pass pairs per second)."""
     pass_flags = scoring_flags(EVERY_QUERY_KD)  # only what the DCD step reads: i2t, its 4 candidates
     given = dict(zip(pass_flags, pass_flags[1:]))
     faster = stored_is_faster(sizes["shards"], 1, sizes["distill_steps"], int(given["--candidates"]),
-                              tuple(given["--directions"].split(",")), EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP)
+                              tuple(given["--directions"].split(",")), *costs)
     if mode == "online" or (mode == "auto" and not faster):
         return ["--teacher", str(teacher)]
     signals = run / "signals"
@@ -166,7 +181,8 @@ def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: P
     return ["--teacher-signals", str(signals)]
 
 
-def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: str = "online") -> tuple:
+def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: str = "online",
+                   costs: tuple = (EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S)) -> tuple:
     """The teacher, the contrastive baseline, DCD and the baseline at DCD's wall time; returns
     their exported model folders."""
     teacher = run / "teacher" / "teacher"
@@ -183,7 +199,7 @@ def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: st
     dcd = run / "dcd" / "student"
     p.step("dcd", dcd / "config.json",
            [p.train("distill", run / "dcd", sizes["distill_steps"],
-                    *signal_flags(p, run, sizes, teacher, baseline, signals),
+                    *signal_flags(p, run, sizes, teacher, baseline, signals, costs),
                     # the measured-best DCD flags (tools/recipes.py); the published objective is
                     # tools/ablate.py's dcd_entropy row
                     *EVERY_QUERY_KD,

@@ -3,7 +3,8 @@
 The pass scores, once, M pairs per image for i2t, M per caption for t2i, and every positive
 (tools/score_teacher.py); every online DCD step pays the teacher again. The figures were measured
 on 2 CPU ranks for the default data, teacher and student (docs/RESULTS.md, "Stored teacher
-signals"); on other hardware they are a guide.
+signals"); on other hardware they are a guide, and `measured_costs` reads the machine's own from
+a `tools/benchmark.py train --teacher-signals` run (--signal-costs of ablate and the pipeline).
 """
 from __future__ import annotations
 
@@ -28,14 +29,43 @@ def scoring_pairs(images: int, captions: int, candidates: int, directions=("i2t"
             + captions)
 
 
-def scoring_seconds(images: int, captions: int, candidates: int, directions=("i2t", "t2i")) -> float:
-    return scoring_pairs(images, captions, candidates, directions) / SCORING_PAIRS_PER_S
+def scoring_seconds(images: int, captions: int, candidates: int, directions=("i2t", "t2i"),
+                    pairs_per_s: float = SCORING_PAIRS_PER_S) -> float:
+    return scoring_pairs(images, captions, candidates, directions) / pairs_per_s
 
 
 def stored_is_faster(shards, runs: int, steps: int, candidates: int = 16, directions=("i2t", "t2i"),
-                     saved_seconds_per_step: float = SAVED_SECONDS_PER_STEP) -> bool:
+                     saved_seconds_per_step: float = SAVED_SECONDS_PER_STEP,
+                     pairs_per_s: float = SCORING_PAIRS_PER_S) -> bool:
     """Whether one pass over the train split of `shards` costs less than the teacher's share of
     `runs` online runs of `steps` steps."""
     manifest = json.loads((Path(shards) / "train.json").read_text())
-    pass_s = scoring_seconds(manifest.get("num_samples", 0), manifest.get("num_captions", 0), candidates, directions)
+    pass_s = scoring_seconds(manifest.get("num_samples", 0), manifest.get("num_captions", 0), candidates, directions,
+                             pairs_per_s)
     return runs * steps * saved_seconds_per_step > pass_s
+
+
+def measured_costs(path) -> tuple:
+    """(pairs per second of the whole pass, seconds a stored step saves over an online one), as
+    `tools/benchmark.py train --teacher T --teacher-signals S` measured them on this machine
+    (its train.json): the figures above are a 2-core CPU's, and a GPU teacher changes both. Benchmark
+    with the DCD flags the runs will use (--distill-args). ValueError naming the file and field."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: not readable as a benchmark JSON ({type(error).__name__})") from None
+
+    def number(*keys) -> float:
+        value = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{path}: no number at {'.'.join(keys)} (the train.json of tools/benchmark.py "
+                             "train with --teacher and --teacher-signals)")
+        return float(value)
+
+    seconds = number("scoring", "seconds")
+    if seconds <= 0:
+        raise ValueError(f"{path}: scoring.seconds is {seconds}")
+    saved = number("stages", "distill", "time/step") - number("stages", "stored", "time/step")
+    return number("scoring", "pairs") / seconds, saved
