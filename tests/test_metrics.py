@@ -4,7 +4,8 @@ import torch
 
 from train.metrics import (MISSING_RANK, binding_accuracy, binding_accuracy_from_scores,
                            format_table, image_to_text_ranks, retrieval_metrics,
-                           retrieval_metrics_from_ranked, text_to_image_ranks, twin_pairs)
+                           retrieval_metrics_from_ranked, text_to_image_ranks, truth_aware_metrics,
+                           twin_pairs)
 
 # 3 images, 2 captions each: captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
 CAPTION_IMAGE = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -129,3 +130,23 @@ def test_binding_accuracy_from_scores_uses_twins_in_the_gallery():
 def test_format_table_shows_missing_values_as_dash():
     table = format_table({"student": {"tr_r1": 50.0}}, keys=["tr_r1", "ir_r1"])
     assert "50.00" in table and "-" in table.splitlines()[-1]
+
+
+def test_truth_aware_recall_counts_a_true_caption_of_another_image_as_a_hit():
+    scores = torch.tensor([
+        # c0   c1   c2   c3   c4   c5
+        [0.1, 0.2, 0.9, 0.4, 0.0, 0.0],   # image 0: c2 (image 1's) on top, and true of image 0
+        [0.0, 0.0, 0.2, 0.3, 0.8, 0.1],   # image 1: c4 on top, false of it -> rank 1 both ways
+        [0.5, 0.8, 0.7, 0.0, 0.6, 0.9],   # image 2: its own c5 on top
+    ])
+    truth = torch.zeros(3, 6, dtype=torch.bool)
+    truth[0, 2] = True  # c2 is true of image 0 too; own pairs count without being marked
+    own = retrieval_metrics(scores, CAPTION_IMAGE)
+    aware = truth_aware_metrics(scores, truth, CAPTION_IMAGE)
+    assert own["tr_r1"] == pytest.approx(100 / 3) and aware["tr_r1"] == pytest.approx(200 / 3)
+    # caption query c2: image 0 (0.9) is above its own image 1 (0.2) and is a hit once truth counts
+    assert own["ir_r1"] < aware["ir_r1"]
+    assert aware["ir_r1"] == pytest.approx(100 * 2 / 6)  # c2 -> image 0, c5 -> image 2
+    # with no truth beyond the own captions the two agree, ties included
+    for matrix in (scores, torch.zeros(3, 6)):
+        assert truth_aware_metrics(matrix, torch.zeros(3, 6), CAPTION_IMAGE) == retrieval_metrics(matrix, CAPTION_IMAGE)

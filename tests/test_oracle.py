@@ -77,4 +77,6 @@ def test_ambiguity_report_on_a_hand_made_gallery():
     # true of it but not its own: a TR miss that no teacher can turn into a hit
     assert report["truth_then_student"]["tr_r1"] == 50.0 and report["truth_then_student"]["ir_r1"] == 100.0
     assert report["student_top10_true"] == 5 / 8
+    # truth-aware: image 0's top caption 3 is false of it, caption 3's top image 0 too: the same misses
+    assert report["student_truth_aware"]["tr_r1"] == 50.0 and report["student_truth_aware"]["ir_r1"] == 75.0
     assert 0.0 <= report["truth_random_ties"]["rsum"] <= 600.0

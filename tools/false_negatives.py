@@ -10,6 +10,9 @@ prints, on a gallery of the split:
   perfect binary teacher scores on this benchmark;
 - the student's recall, and the recall of "truth first, the student's order among equals": the
   ceiling for a student that never ranks a false caption above a true one;
+- the student's truth-aware recall: a hit is any caption true of the image (and any image the
+  caption is true of), not only its own; where captions are true of many images this is the
+  measure a teacher that knows the truth can improve (docs/RESULTS.md, "Session 8");
 - how many of the student's top-10 captions per image are true (what DCD's candidates look like).
 Several students share one truth matrix (5,000,000 claim checks at 1,000 x 5,000: about a minute).
 Prints one JSON object last: {"students": [report per student]}.
@@ -26,7 +29,7 @@ import torch
 
 from train.eval_split import read_eval_split  # noqa: E402
 from train.evaluation import embed_split, student_scores  # noqa: E402
-from train.metrics import retrieval_metrics  # noqa: E402
+from train.metrics import retrieval_metrics, truth_aware_metrics  # noqa: E402
 
 
 def truth_matrix(oracle, split) -> torch.Tensor:
@@ -58,6 +61,7 @@ def ambiguity_report(truth: torch.Tensor, student: torch.Tensor, caption_image_i
             "captions_true_of_other_images": (truth_f.sum(0) > 1).float().mean().item(),
             "truth_random_ties": truth_random, "student": retrieval_metrics(student, caption_image_index),
             "truth_then_student": truth_then_student,
+            "student_truth_aware": truth_aware_metrics(student, truth, caption_image_index),
             "student_top10_true": truth_f.gather(1, top10).mean().item()}
 
 
@@ -86,7 +90,7 @@ def main(argv=None) -> int:
         print(f"{folder}: {report['images']} images x {report['captions']} captions, "
               f"{report['true_captions_per_image']:.1f} captions true of each image (5 its own), "
               f"{100 * report['captions_true_of_other_images']:.1f}% of captions true of another image too")
-        for name in ("truth_random_ties", "student", "truth_then_student"):
+        for name in ("truth_random_ties", "student", "truth_then_student", "student_truth_aware"):
             m = report[name]
             print(f"  {name:<20} TR R@1 {m['tr_r1']:5.1f}  IR R@1 {m['ir_r1']:5.1f}  RSUM {m['rsum']:6.1f}")
         print(f"  student top-10 captions per image that are true: {100 * report['student_top10_true']:.1f}%")

@@ -139,6 +139,25 @@ def retrieval_metrics_from_ranked(ranked_captions_per_image: torch.Tensor,
                               _first_hit_ranks(ranked_images_per_caption, caption_hits), ks)
 
 
+def truth_aware_metrics(scores: torch.Tensor, truth: torch.Tensor, caption_image_index: torch.Tensor,
+                        ks: Sequence[int] = RECALL_KS) -> Dict[str, float]:
+    """Recall@K both ways and RSUM where a hit is any caption true of the image query, and any image
+    the caption query is true of (own pairs always count): the own-caption labels completed by ground
+    truth, like ECCV Caption's plausible matches. truth: bool [images, captions]. Where captions are
+    true of many images, own-caption recall counts a true caption written for another image as a
+    miss; this does not. Ties count against the query, as in the own-caption ranks."""
+    caption_image_index = _check_inputs(scores, caption_image_index)
+    own = caption_image_index.unsqueeze(0) == torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
+    hits = truth.to(device=scores.device, dtype=torch.bool) | own
+
+    def best_hit_ranks(rows: torch.Tensor, row_hits: torch.Tensor) -> torch.Tensor:
+        best = rows.masked_fill(~row_hits, float("-inf")).max(dim=1, keepdim=True).values
+        ranks = ((rows >= best) & ~row_hits).sum(dim=1)  # misses scored at or above the best hit
+        return torch.where(row_hits.any(dim=1), ranks, torch.full_like(ranks, MISSING_RANK))
+
+    return metrics_from_ranks(best_hit_ranks(scores, hits), best_hit_ranks(scores.t(), hits.t()), ks)
+
+
 def binding_accuracy(own_scores: torch.Tensor, twin_scores: torch.Tensor) -> Optional[float]:
     """Percentage of captions whose own image scores strictly above its twin image (ties are wrong).
 
