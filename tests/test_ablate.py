@@ -121,7 +121,7 @@ def benchmark_json(path, distill_step=0.40, stored_step=0.36, pairs=36000, secon
 
 def test_measured_costs_come_from_a_benchmark_of_this_machine(tmp_path):
     from tools import signal_cost
-    pairs_per_s, saved = signal_cost.measured_costs(benchmark_json(tmp_path / "train.json"))
+    saved, pairs_per_s = signal_cost.measured_costs(benchmark_json(tmp_path / "train.json"))
     assert pairs_per_s == pytest.approx(4000.0) and saved == pytest.approx(0.04)  # proposals included
     (tmp_path / "online_only.json").write_text(json.dumps({"stages": {"distill": {"time/step": 0.4}},
                                                            "scoring": {"pairs": 1, "seconds": 1}}))

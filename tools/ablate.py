@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from tools.recipes import EVERY_QUERY_KD, scoring_flags
-from tools.signal_cost import SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S, measured_costs, stored_is_faster
+from tools.signal_cost import SAVED_SECONDS_PER_STEP, auto_costs, stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,13 +101,10 @@ def pass_flags(args, names: list) -> list:
 def signal_costs(args) -> tuple:
     """(seconds a stored step saves, pass pairs per second): --signal-costs' measurement, else the
     2-core CPU's figures for the published flags (tools/signal_cost.py)."""
-    if not args.signal_costs:
-        return SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S
     try:
-        pairs_per_s, saved = measured_costs(args.signal_costs)
+        return auto_costs(args.signal_costs, SAVED_SECONDS_PER_STEP)
     except ValueError as error:
         sys.exit(f"ablate: --signal-costs {error}")
-    return saved, pairs_per_s
 
 
 def score_signals(args, out: Path, proposer: str, flags: list) -> tuple:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 from tools.recipes import EVERY_QUERY_KD, scoring_flags
 from tools.report import write_results
-from tools.signal_cost import (EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S, measured_costs,
-                               stored_is_faster)
+from tools.signal_cost import EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, auto_costs, stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,13 +127,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    costs = (EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S)
-    if args.signal_costs:
-        try:
-            pairs_per_s, saved = measured_costs(args.signal_costs)
-        except ValueError as error:
-            sys.exit(f"pipeline: --signal-costs {error}")
-        costs = (saved, pairs_per_s)
+    try:
+        costs = auto_costs(args.signal_costs, EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP)
+    except ValueError as error:
+        sys.exit(f"pipeline: --signal-costs {error}")
     sizes = dict(FAST if args.fast else FULL)
     if args.shards:
         sizes["shards"] = args.shards
@@ -181,10 +177,9 @@ def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: P
     return ["--teacher-signals", str(signals)]
 
 
-def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: str = "online",
-                   costs: tuple = (EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, SCORING_PAIRS_PER_S)) -> tuple:
-    """The teacher, the contrastive baseline, DCD and the baseline at DCD's wall time; returns
-    their exported model folders."""
+def training_steps(p: Pipeline, run: Path, sizes: dict, fresh: bool, signals: str, costs: tuple) -> tuple:
+    """The teacher, the contrastive baseline, DCD and the baseline at DCD's wall time (DCD's teacher
+    flags: signal_flags with `signals` and `costs`); returns their exported model folders."""
     teacher = run / "teacher" / "teacher"
     committed = REPO / sizes.get("committed_teacher", "-")
     if committed.is_dir() and not fresh and not (teacher / "config.json").exists():

@@ -46,7 +46,8 @@ def stored_is_faster(shards, runs: int, steps: int, candidates: int = 16, direct
 
 
 def measured_costs(path) -> tuple:
-    """(pairs per second of the whole pass, seconds a stored step saves over an online one), as
+    """(seconds a stored step saves over an online one, pairs per second of the whole pass): the
+    last two arguments of `stored_is_faster`, as
     `tools/benchmark.py train --teacher T --teacher-signals S` measured them on this machine
     (its train.json): the figures above are a 2-core CPU's, and a GPU teacher changes both. Benchmark
     with the DCD flags the runs will use (--distill-args). ValueError naming the file and field."""
@@ -68,4 +69,10 @@ def measured_costs(path) -> tuple:
     if seconds <= 0:
         raise ValueError(f"{path}: scoring.seconds is {seconds}")
     saved = number("stages", "distill", "time/step") - number("stages", "stored", "time/step")
-    return number("scoring", "pairs") / seconds, saved
+    return saved, number("scoring", "pairs") / seconds
+
+
+def auto_costs(path, saved_seconds_per_step: float) -> tuple:
+    """What auto weighs (`stored_is_faster`'s last two arguments): measured_costs(path) when a
+    benchmark is given (--signal-costs), else `saved_seconds_per_step` and SCORING_PAIRS_PER_S."""
+    return measured_costs(path) if path else (saved_seconds_per_step, SCORING_PAIRS_PER_S)
