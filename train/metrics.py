@@ -54,13 +54,21 @@ def image_to_text_ranks(scores: torch.Tensor, caption_image_index: torch.Tensor)
     counts = torch.bincount(caption_image_index, minlength=num_images)
     if num_images and counts.min() == 0:
         raise ValueError("every image needs at least one caption for text retrieval")
-    ranks = torch.empty(num_images, dtype=torch.long, device=scores.device)
-    for start in range(0, num_images, _ROW_CHUNK):
-        rows = torch.arange(start, min(start + _ROW_CHUNK, num_images), device=scores.device)
-        chunk = scores[rows].float()
-        positive = caption_image_index.unsqueeze(0) == rows.unsqueeze(1)
-        best_positive = chunk.masked_fill(~positive, float("-inf")).max(dim=1).values
-        ranks[rows] = ((chunk >= best_positive.unsqueeze(1)) & ~positive).sum(dim=1)
+    return _best_positive_ranks(scores, lambda rows: caption_image_index.unsqueeze(0) == rows.unsqueeze(1))
+
+
+def _best_positive_ranks(scores: torch.Tensor, positives_of) -> torch.Tensor:
+    """Per row of scores, in chunks of rows: #(non-positives scored >= the row's best positive)
+    (ties count against the query); MISSING_RANK for a row without positives.
+    positives_of(rows) -> bool [len(rows), columns]."""
+    num_rows = scores.shape[0]
+    ranks = torch.empty(num_rows, dtype=torch.long, device=scores.device)
+    for start in range(0, num_rows, _ROW_CHUNK):
+        rows = torch.arange(start, min(start + _ROW_CHUNK, num_rows), device=scores.device)
+        chunk, positive = scores[rows].float(), positives_of(rows)
+        best_positive = chunk.masked_fill(~positive, float("-inf")).max(dim=1, keepdim=True).values
+        counted = ((chunk >= best_positive) & ~positive).sum(dim=1)
+        ranks[rows] = torch.where(positive.any(dim=1), counted, torch.full_like(counted, MISSING_RANK))
     return ranks
 
 
@@ -149,13 +157,8 @@ def truth_aware_metrics(scores: torch.Tensor, truth: torch.Tensor, caption_image
     caption_image_index = _check_inputs(scores, caption_image_index)
     own = caption_image_index.unsqueeze(0) == torch.arange(scores.shape[0], device=scores.device).unsqueeze(1)
     hits = truth.to(device=scores.device, dtype=torch.bool) | own
-
-    def best_hit_ranks(rows: torch.Tensor, row_hits: torch.Tensor) -> torch.Tensor:
-        best = rows.masked_fill(~row_hits, float("-inf")).max(dim=1, keepdim=True).values
-        ranks = ((rows >= best) & ~row_hits).sum(dim=1)  # misses scored at or above the best hit
-        return torch.where(row_hits.any(dim=1), ranks, torch.full_like(ranks, MISSING_RANK))
-
-    return metrics_from_ranks(best_hit_ranks(scores, hits), best_hit_ranks(scores.t(), hits.t()), ks)
+    return metrics_from_ranks(_best_positive_ranks(scores, lambda rows: hits[rows]),
+                              _best_positive_ranks(scores.t(), lambda rows: hits.t()[rows]), ks)
 
 
 def binding_accuracy(own_scores: torch.Tensor, twin_scores: torch.Tensor) -> Optional[float]:
