@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from tools.recipes import EVERY_QUERY_KD, scoring_flags
-from tools.signal_cost import SAVED_SECONDS_PER_STEP, auto_costs, stored_is_faster
+from tools.signal_cost import SAVED_SECONDS_PER_STEP, auto_costs, pass_size, stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,12 +90,13 @@ def pass_flags(args, names: list) -> list:
     the directions any of them distils and the most candidates any reads (--train-args win over a
     variant's own flags, as on the train/run.py command line), so the one pass scores no more than
     they need: EVERY_QUERY_KD alone reads i2t x 4, 11x fewer pairs than both directions x 16."""
-    needs = [scoring_flags([*VARIANTS[n], *shlex.split(args.train_args)]) for n in names if uses_signals(VARIANTS[n])]
+    needs = [pass_size(scoring_flags([*VARIANTS[n], *shlex.split(args.train_args)]))
+             for n in names if uses_signals(VARIANTS[n])]
     if not needs:
         return []
-    directions = {d for flags in needs for d in flags[1].split(",")}
+    directions = {d for _, variant_directions in needs for d in variant_directions}
     return ["--directions", ",".join(d for d in ("i2t", "t2i") if d in directions),
-            "--candidates", str(max(int(flags[3]) for flags in needs))]
+            "--candidates", str(max(candidates for candidates, _ in needs))]
 
 
 def signal_costs(args) -> tuple:
@@ -216,8 +217,7 @@ class Variants:
         costs = signal_costs(args)  # a bad --signal-costs file is one line whatever --signals says
         self.use_stored = bool(self.pass_flags) and (args.signals == "stored" or (
             args.signals == "auto" and stored_is_faster(args.shards, len(seeds) * self.stored_variants, args.steps,
-                                                        int(self.pass_flags[3]), tuple(self.pass_flags[1].split(",")),
-                                                        *costs)))
+                                                        *pass_size(self.pass_flags), *costs)))
         self.scoring: dict = {}
 
     def folder(self, name: str, seed: int) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tools.recipes import EVERY_QUERY_KD, scoring_flags
 from tools.report import write_results
-from tools.signal_cost import EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, auto_costs, stored_is_faster
+from tools.signal_cost import EVERY_QUERY_KD_SAVED_SECONDS_PER_STEP, auto_costs, pass_size, stored_is_faster
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,9 +164,7 @@ def signal_flags(p: Pipeline, run: Path, sizes: dict, teacher: Path, baseline: P
     when --signals stored, or auto and the pass is faster than the teacher's share of the DCD run
     (costs: seconds a stored step saves, pass pairs per second)."""
     pass_flags = scoring_flags(EVERY_QUERY_KD)  # only what the DCD step reads: i2t, its 4 candidates
-    given = dict(zip(pass_flags, pass_flags[1:]))
-    faster = stored_is_faster(sizes["shards"], 1, sizes["distill_steps"], int(given["--candidates"]),
-                              tuple(given["--directions"].split(",")), *costs)
+    faster = stored_is_faster(sizes["shards"], 1, sizes["distill_steps"], *pass_size(pass_flags), *costs)
     if mode == "online" or (mode == "auto" and not faster):
         return ["--teacher", str(teacher)]
     signals = run / "signals"

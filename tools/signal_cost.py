@@ -34,6 +34,12 @@ def scoring_seconds(images: int, captions: int, candidates: int, directions=("i2
     return scoring_pairs(images, captions, candidates, directions) / pairs_per_s
 
 
+def pass_size(flags: list) -> tuple:
+    """(candidates, directions) of tools/score_teacher.py flags such as tools/recipes.scoring_flags'."""
+    given = dict(zip(flags[::2], flags[1::2]))
+    return int(given["--candidates"]), tuple(given["--directions"].split(","))
+
+
 def stored_is_faster(shards, runs: int, steps: int, candidates: int = 16, directions=("i2t", "t2i"),
                      saved_seconds_per_step: float = SAVED_SECONDS_PER_STEP,
                      pairs_per_s: float = SCORING_PAIRS_PER_S) -> bool:
